@@ -1,0 +1,146 @@
+"""`hemaflow` command line: the whole pipeline (`run`), each stage, data generation, model pull.
+
+dvc.yaml calls the stage commands, so `dvc repro`, the CLI and the Prefect flow run the same
+code through hemaflow.stages.run_stage. Every path is an option whose default comes from
+params.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from hemaflow.config import ConfigError, load_params
+from hemaflow.errors import StageInputError
+from hemaflow.stages import STAGES
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or a failed gate: print the message, not a traceback."""
+    errs: list[type[BaseException]] = [StageInputError, ConfigError]
+    for mod, name in (("tasks.validate_labels", "LabelValidationError"), ("tasks.check_quality", "QualityGateError")):
+        m = sys.modules.get(mod)
+        if m is not None and hasattr(m, name):
+            errs.append(getattr(m, name))
+    return tuple(errs)
+
+
+def _fail_cleanly(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if isinstance(exc, _user_errors()):
+                raise click.ClickException(str(exc)) from exc
+            raise
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hemaflow")
+def app() -> None:
+    """hemaflow: train and ship white-blood-cell classifiers reproducibly (Prefect + DVC)."""
+
+
+params_option = click.option("--params", "params_path", type=click.Path(path_type=Path), default="params.yaml",
+                             show_default=True, help="Parameters file (paths are relative to its folder).")
+
+
+@app.command()
+@params_option
+@click.option("--force", is_flag=True, help="Run every stage even if DVC says it is up to date.")
+def run(params_path: Path, force: bool) -> None:
+    """Run the whole pipeline as a Prefect flow (local mode, no server needed).
+
+    With the project's params.yaml, stages DVC reports up to date are skipped and the
+    stages that run are recorded in dvc.lock. Another params file runs every stage.
+    """
+    from flows.training import training_pipeline
+
+    try:
+        summary = training_pipeline(params_path=str(params_path.resolve()), force=force)
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            raise click.ClickException(str(exc)) from exc
+        raise
+    click.echo(format_run_summary(summary))
+
+
+def format_run_summary(summary: dict) -> str:
+    ev, pr = summary.get("evaluation", {}), summary.get("promotion", {})
+    lines = ["", "hemaflow run finished", f"  stages run:     {', '.join(summary.get('ran', [])) or 'none'}",
+             f"  up to date:     {', '.join(summary.get('skipped', [])) or 'none'}"]
+    if ev:
+        lines += [f"  accuracy:          {ev.get('accuracy', float('nan')):.3f}",
+                  f"  balanced accuracy: {ev.get('balanced_accuracy', float('nan')):.3f}",
+                  f"  macro F1:          {ev.get('macro_f1', float('nan')):.3f}"]
+    if pr:
+        state = "promoted" if pr.get("promoted") else "not promoted"
+        lines += [f"  model:          {pr.get('model_name')} v{pr.get('version')} ({state}: {pr.get('reason', '')})",
+                  f"  model store:    {pr.get('uri')}"]
+    for k, v in summary.get("reports", {}).items():
+        lines.append(f"  {k + ':':<15} {v}")
+    return "\n".join(lines)
+
+
+@app.command()
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default="data/raw", show_default=True)
+@click.option("--n-fields", type=int, default=150, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def generate(out_dir: Path, n_fields: int, seed: int) -> None:
+    """Generate the embedded synthetic smear dataset (deterministic)."""
+    from hemaflow.progress import tqdm_progress
+    from hemaflow.synthetic import generate_dataset
+
+    summary = generate_dataset(out_dir, n_fields=n_fields, seed=seed, progress=tqdm_progress("generate"))
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+@click.option("--store-url", default=None, help="Model store (directory or s3://bucket/prefix); default from params.")
+@click.option("--model-name", default=None)
+@click.option("--version", "version", default="latest", show_default=True)
+@click.option("--dest", "dest_dir", type=click.Path(path_type=Path), default="models/pulled", show_default=True)
+@params_option
+@_fail_cleanly
+def pull(store_url: str | None, model_name: str | None, version: str, dest_dir: Path, params_path: Path) -> None:
+    """Download a promoted model from the model store."""
+    from hemaflow.store import open_store
+
+    p = load_params(params_path)
+    url = store_url or p.promote.store_url
+    path = open_store(url).pull(model_name or p.promote.model_name, version, dest_dir)
+    click.echo(f"pulled {model_name or p.promote.model_name} {version} from {url} to {path}")
+
+
+def _stage_command(name: str):
+    spec = STAGES[name]
+
+    @_fail_cleanly
+    def command(params_path: Path, **paths: Path | None) -> None:
+        from hemaflow.progress import tqdm_progress
+        from hemaflow.stages import run_stage
+
+        params = load_params(params_path)
+        root = params_path.resolve().parent
+        overrides = {k: v.resolve() for k, v in paths.items() if v is not None}
+        result = run_stage(name, params, root, overrides, progress=tqdm_progress(name))
+        for k, v in result.summary().items():
+            click.echo(f"{k}: {v}")
+
+    command.__doc__ = spec.help
+    command = params_option(command)
+    for field in reversed(spec.inputs + spec.outputs):
+        command = click.option(f"--{field.replace('_', '-')}", field, type=click.Path(path_type=Path), default=None,
+                               help=f"default: paths.{field} in params")(command)
+    return app.command(name=name.replace("_", "-"), help=spec.help)(command)
+
+
+for _name in STAGES:
+    _stage_command(_name)
