@@ -96,7 +96,7 @@ def _evaluate(p: Params, d: PathParams, progress):
 
 def _promote(p: Params, d: PathParams, progress):
     from tasks.promote import promote_model
-    return promote_model(d.model_dir, d.eval_dir, d.promotion_path, p.promote)
+    return promote_model(d.model_dir, d.eval_dir, d.promotion_path, p.promote, params=p.model_dump(mode="json"))
 
 
 _RUNNERS = {
