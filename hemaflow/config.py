@@ -75,6 +75,8 @@ class CheckQualityParams(_Frozen):
     min_per_class: int = Field(3, ge=0)
     max_imbalance_ratio: float = Field(3.0, ge=1)
     max_kl_divergence: float = Field(0.25, ge=0)
+    # val/test keep the natural class mix (stratified, not augmented): drop them here when it is skewed
+    imbalance_splits: tuple[Literal["train", "val", "test"], ...] = ("train", "val", "test")
 
 
 class TrainParams(_Frozen):

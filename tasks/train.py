@@ -1,0 +1,298 @@
+"""Train: fit a Keras classifier on the augmented dataset's train split, validate on val.
+
+Images are read with tf.data straight from the PNGs that dataset.parquet lists. The crops
+were written by cv2.imwrite from BGR arrays, which stores a standard RGB PNG, so
+tf.io.decode_image already yields RGB: no channel swap here (a swap would feed the model
+BGR). Clients that read crops with cv2.imread must convert BGR->RGB before predicting.
+
+TensorFlow is imported inside functions: input checks fail fast without it, and the
+strategy for `devices: cpu:N` must be chosen before TensorFlow sets up its devices.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hemaflow.config import TrainParams
+from hemaflow.errors import StageInputError, require_columns, require_file
+from hemaflow.progress import Progress
+from hemaflow.schema import DATASET_COLUMNS
+
+SPLITS = ("train", "val", "test")
+MODEL_FILE = "model.keras"
+LABELS_FILE = "labels.json"
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    architecture: str
+    epochs_run: int
+    best_epoch: int                      # 1-based epoch whose weights were kept
+    n_images: dict[str, int]             # split -> rows
+    seconds: float                       # wall time of model.fit
+    images_per_second: float             # train images processed per second of fit
+    strategy: dict = field(default_factory=dict)
+    best: dict[str, float] = field(default_factory=dict)  # metrics at best_epoch
+
+    def summary(self) -> dict:
+        out = {
+            "model": str(self.model_dir / MODEL_FILE),
+            "architecture": self.architecture,
+            "epochs run": self.epochs_run,
+            "best epoch": self.best_epoch,
+            "images": ", ".join(f"{k}={v}" for k, v in self.n_images.items()),
+            "seconds": round(self.seconds, 1),
+            "images/s": round(self.images_per_second, 1),
+            "strategy": f"{self.strategy.get('strategy')} x{self.strategy.get('replicas')}",
+        }
+        out.update({k: round(v, 4) for k, v in self.best.items()})
+        return out
+
+
+def read_dataset(dataset_path: Path, classes: tuple[str, ...], classes_from: str = "params classes") -> pd.DataFrame:
+    """Load dataset.parquet and check what training/evaluation rely on; errors name the file."""
+    require_file(dataset_path, "augmented dataset table")
+    try:
+        df = pd.read_parquet(dataset_path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise StageInputError(dataset_path, f"cannot be read as parquet: {exc}") from exc
+    require_columns(df, DATASET_COLUMNS, dataset_path)
+    if df["path"].isna().any():
+        raise StageInputError(dataset_path, f"{int(df['path'].isna().sum())} row(s) have no image path")
+    unknown = sorted(set(df["label"].astype(str)) - set(classes))
+    if unknown:
+        n = int((~df["label"].isin(classes)).sum())
+        raise StageInputError(dataset_path, f"{n} row(s) have label(s) not in {classes_from} {list(classes)}: {unknown}")
+    bad_split = sorted(set(df["split"].astype(str)) - set(SPLITS))
+    if bad_split:
+        raise StageInputError(dataset_path, f"unknown split value(s) {bad_split}; expected {list(SPLITS)}")
+    missing = [p for p in df["path"] if not (dataset_path.parent / p).is_file()]
+    if missing:
+        raise StageInputError(dataset_path.parent / missing[0], f"image listed in {dataset_path.name} is missing "
+                                                               f"({len(missing)} missing in all)")
+    return df.reset_index(drop=True)
+
+
+def load_image(path, image_size: int):
+    """PNG/JPEG file -> float32 (image_size, image_size, 3) RGB in 0-255 (the model rescales)."""
+    import tensorflow as tf
+
+    img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    img = tf.image.resize(img, (image_size, image_size), antialias=True)
+    img.set_shape((image_size, image_size, 3))
+    return img
+
+
+def make_image_dataset(paths: list[str], labels: list[int], image_size: int, batch_size: int,
+                       shuffle_seed: int | None = None, drop_remainder: bool = False):
+    """tf.data pipeline: decode + resize once (cached), optionally shuffle per epoch, batch, prefetch."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, dtype=np.int32)))
+    ds = ds.map(lambda p, y: (load_image(p, image_size), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.cache()
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+def replica_batch_size(batch_size: int, n_rows: int, replicas: int) -> int:
+    """Global batch size that splits evenly across replicas.
+
+    Keras 3 builds a distributed model by reducing the first batch across replicas, which
+    fails on an uneven split (keras-team/keras#19246), and a replica left with an empty
+    final batch fails too; so the global batch is rounded up to a multiple of the replica
+    count and capped at the largest multiple <= n_rows. train_model also drops the last
+    partial train batch (a different remainder each shuffled epoch) and trims val to a
+    multiple of the replica count, so every batch splits evenly.
+    """
+    if replicas <= 1:
+        return batch_size
+    size = -(-batch_size // replicas) * replicas
+    return max(replicas, min(size, (n_rows // replicas) * replicas))
+
+
+def find_unreadable(paths: list[str]) -> tuple[str, str] | None:
+    """First (path, error) that TensorFlow cannot decode, or None: turns a mid-epoch
+    decode failure into an error that names the file."""
+    import tensorflow as tf
+
+    for p in paths:
+        try:
+            load_image(p, 8)
+        except (tf.errors.OpError, ValueError) as exc:
+            return p, getattr(exc, "message", str(exc)).splitlines()[0]
+    return None
+
+
+def prepare_output_dir(out_dir: Path, *inputs: Path) -> None:
+    """Empty out_dir so no file from an earlier run survives; refuse if an input lives inside it."""
+    out = out_dir.resolve()
+    for inp in inputs:
+        if inp.resolve() == out or inp.resolve().is_relative_to(out):
+            raise StageInputError(out_dir, f"output directory contains the input {inp}; refusing to clear it")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+
+
+def _progress_callback(progress: Progress, epochs: int):
+    import keras
+
+    class EpochProgress(keras.callbacks.Callback):
+        """Reports (epochs done, epochs planned) after each epoch."""
+
+        def on_train_begin(self, logs=None):
+            progress(0, epochs)
+
+        def on_epoch_end(self, epoch, logs=None):
+            progress(epoch + 1, epochs)
+
+    return EpochProgress()
+
+
+def _epoch_timer():
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.seconds: list[float] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self._t0)
+
+    return EpochTimer()
+
+
+def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: tuple[str, ...], seed: int,
+                progress: Progress | None = None) -> TrainResult:
+    """Train cfg.architecture; write model.keras, labels.json, history.json,
+    training_curves.png and train_summary.json into model_dir."""
+    dataset_dir, model_dir = Path(dataset_dir), Path(model_dir)
+    dataset_path = dataset_dir / "dataset.parquet"
+    df = read_dataset(dataset_path, classes)
+    train_df, val_df = df[df["split"] == "train"], df[df["split"] == "val"]
+    if train_df.empty:
+        raise StageInputError(dataset_path, "no rows with split == 'train'")
+
+    # Device setup first: cpu:N must configure logical devices before any TF op runs.
+    from hemaflow.devices import describe_strategy, select_strategy
+
+    strategy = select_strategy(cfg.devices)
+    import keras
+    import tensorflow as tf
+
+    from hemaflow.models import build_model
+
+    prepare_output_dir(model_dir, dataset_dir)
+    keras.utils.set_random_seed(seed)
+    index = {c: i for i, c in enumerate(classes)}
+    replicas = strategy.num_replicas_in_sync
+    if len(train_df) < replicas:
+        raise StageInputError(dataset_path, f"{len(train_df)} train row(s) cannot feed {replicas} replicas")
+    val_unused = len(val_df) % replicas  # see replica_batch_size; always 0 on one device
+    val_df = val_df.iloc[: len(val_df) - val_unused]
+    global_batch = replica_batch_size(cfg.batch_size, len(train_df), replicas)
+    per_epoch = len(train_df) // global_batch * global_batch if replicas > 1 else len(train_df)
+
+    def as_dataset(part: pd.DataFrame, shuffle: bool):
+        paths = [str(dataset_dir / p) for p in part["path"]]
+        return make_image_dataset(paths, [index[c] for c in part["label"]], cfg.image_size,
+                                  replica_batch_size(cfg.batch_size, len(part), replicas),
+                                  shuffle_seed=seed if shuffle else None, drop_remainder=shuffle and replicas > 1)
+
+    train_ds = as_dataset(train_df, shuffle=True)
+    val_ds = as_dataset(val_df, shuffle=False) if len(val_df) else None
+    monitor = "val_loss" if val_ds is not None else "loss"
+
+    with strategy.scope():
+        model = build_model(cfg.architecture, (cfg.image_size, cfg.image_size, 3), len(classes),
+                            online_augmentation=cfg.online_augmentation)
+        model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+    stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True)
+    timer = _epoch_timer()
+    callbacks = [stopper, timer] + ([_progress_callback(progress, cfg.epochs)] if progress else [])
+    t0 = time.perf_counter()
+    try:
+        fit = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks,
+                        shuffle=False, verbose=0)
+    except tf.errors.OpError:
+        bad = find_unreadable([str(dataset_dir / p) for p in df["path"]])
+        if bad:
+            raise StageInputError(bad[0], f"image listed in {dataset_path.name} cannot be decoded: {bad[1]}") from None
+        raise
+    seconds = time.perf_counter() - t0
+
+    history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
+    history["epoch_seconds"] = [round(s, 4) for s in timer.seconds]
+    epochs_run = len(history["loss"])
+    best_epoch = int(np.argmin(history[monitor])) + 1
+    if progress and epochs_run < cfg.epochs:
+        progress(cfg.epochs, cfg.epochs)  # stopped early: training is complete
+
+    model.save(model_dir / MODEL_FILE)
+    (model_dir / LABELS_FILE).write_text(json.dumps(list(classes), indent=2) + "\n")
+    (model_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    plot_training_curves(history, best_epoch, model_dir / "training_curves.png", title=cfg.architecture)
+
+    n_images = {s: int((df["split"] == s).sum()) for s in SPLITS}
+    result = TrainResult(
+        model_dir=model_dir, architecture=cfg.architecture, epochs_run=epochs_run, best_epoch=best_epoch,
+        n_images=n_images, seconds=seconds, images_per_second=per_epoch * epochs_run / seconds,
+        strategy=describe_strategy(strategy),
+        best={k: v[best_epoch - 1] for k, v in history.items() if k != "epoch_seconds"},
+    )
+    steady = timer.seconds[1:] or timer.seconds  # epoch 1 also decodes and caches the images
+    summary = {
+        "params": cfg.model_dump(), "classes": list(classes), "seed": seed,
+        "n_images": n_images,
+        "n_images_per_class_train": train_df["label"].value_counts().reindex(classes, fill_value=0).to_dict(),
+        "epochs_run": epochs_run, "best_epoch": best_epoch, "monitor": monitor, "best_metrics": result.best,
+        "global_batch_size": global_batch, "train_images_per_epoch": per_epoch,
+        "val_rows_unused": val_unused,
+        "seconds": round(seconds, 3), "images_per_second": round(result.images_per_second, 1),
+        "images_per_second_steady": round(per_epoch / float(np.median(steady)), 1),
+        "model_parameters": int(model.count_params()),
+        **result.strategy, "tensorflow": tf.__version__, "keras": keras.__version__,
+    }
+    (model_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return result
+
+
+def plot_training_curves(history: dict[str, list[float]], best_epoch: int, png_path: Path, title: str = "") -> None:
+    """Loss and accuracy per epoch, train vs val, with the kept (best) epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = np.arange(1, len(history["loss"]) + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, metric, label in ((axes[0], "loss", "Loss (cross-entropy)"), (axes[1], "accuracy", "Accuracy")):
+        ax.plot(epochs, history[metric], "o-", color="tab:blue", label="train")
+        if f"val_{metric}" in history:
+            ax.plot(epochs, history[f"val_{metric}"], "s-", color="tab:orange", label="validation")
+        ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"kept: epoch {best_epoch}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[1].set_ylim(0, 1.02)
+    fig.suptitle(f"Training curves {title}".strip())
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)

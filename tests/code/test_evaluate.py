@@ -1,0 +1,161 @@
+"""evaluate stage: metrics match the predictions, files are readable, model behaves, bad inputs are named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from hemaflow.config import EvaluateParams, TrainParams
+from hemaflow.errors import StageInputError
+from tasks.evaluate import PREDICTION_COLUMNS, evaluate_model, score_predictions
+from tasks.train import load_image, train_model
+from tests.code.synthetic_wbc import CLASSES, write_dataset
+
+TEST_CFG = EvaluateParams(split="test")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("evaluate")
+    write_dataset(root / "data")
+    train_model(root / "data", root / "model", TrainParams(image_size=32, epochs=8, batch_size=8, learning_rate=0.003),
+                CLASSES, seed=7)
+    return root
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained):
+    return trained, evaluate_model(trained / "model", trained / "data", trained / "eval", TEST_CFG)
+
+
+def test_metrics_file_is_complete_and_well_above_chance(evaluated):
+    root, result = evaluated
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["n"] == 40 == result.n
+    assert metrics["accuracy"] >= 0.7 and metrics["balanced_accuracy"] >= 0.7  # chance is 0.2
+    assert set(metrics["per_class"]) == set(CLASSES)
+    for m in metrics["per_class"].values():
+        assert m["support"] == 8 and set(m) == {"precision", "recall", "f1", "support"}
+    assert metrics["macro_f1"] == pytest.approx(np.mean([m["f1"] for m in metrics["per_class"].values()]))
+
+
+def test_predictions_and_confusion_agree_with_metrics(evaluated):
+    root, result = evaluated
+    preds = pd.read_csv(root / "eval" / "predictions.csv")
+    assert tuple(preds.columns) == PREDICTION_COLUMNS and len(preds) == 40
+    assert set(preds["predicted"]) <= set(CLASSES)
+    assert preds["confidence"].between(1 / len(CLASSES), 1).all()
+    assert (preds["label"] == preds["predicted"]).mean() == pytest.approx(result.metrics["accuracy"])
+    cm = pd.read_csv(root / "eval" / "confusion.csv", index_col="true")
+    assert list(cm.index) == list(CLASSES) == list(cm.columns)
+    assert cm.values.sum() == 40 and np.trace(cm.values) / 40 == pytest.approx(result.metrics["accuracy"])
+
+
+def test_confusion_matrix_png_is_a_real_plot(evaluated):
+    root, _ = evaluated
+    img = cv2.imread(str(root / "eval" / "confusion_matrix.png"))
+    assert img is not None and min(img.shape[:2]) > 400 and img.std() > 20
+
+
+def test_summary_and_markdown(evaluated):
+    _, result = evaluated
+    assert result.summary()["split"] == "test" and result.summary()["images"] == 40
+    md = result.markdown
+    assert "| class | precision | recall | F1 | support |" in md
+    assert all(f"| {c} |" in md for c in CLASSES)
+
+
+def test_re_evaluation_is_identical(evaluated, tmp_path):
+    root, _ = evaluated
+    evaluate_model(root / "model", root / "data", tmp_path / "eval", TEST_CFG)
+    assert (tmp_path / "eval" / "metrics.json").read_text() == (root / "eval" / "metrics.json").read_text()
+    assert (tmp_path / "eval" / "predictions.csv").read_text() == (root / "eval" / "predictions.csv").read_text()
+
+
+def test_horizontal_flip_keeps_the_predicted_class(trained):
+    """Cells have no left or right: a mirrored crop is the same cell."""
+    df = pd.read_parquet(trained / "data" / "dataset.parquet")
+    test = df[df["split"] == "test"]
+    model = keras.models.load_model(trained / "model" / "model.keras")
+    x = np.stack([load_image(str(trained / "data" / p), 32).numpy() for p in test["path"]])
+    same = model.predict(x, verbose=0).argmax(1) == model.predict(tf.image.flip_left_right(x), verbose=0).argmax(1)
+    assert same.mean() >= 0.8
+
+
+def test_scores_match_hand_computed_values():
+    overall, per_class, cm = score_predictions(np.array([0, 0, 0, 1, 1, 2]), np.array([0, 0, 1, 1, 1, 0]), ("a", "b", "c"))
+    assert overall["accuracy"] == pytest.approx(4 / 6)
+    assert overall["balanced_accuracy"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert per_class["a"] == {"precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3),
+                              "f1": pytest.approx(2 / 3), "support": 3}
+    assert per_class["c"]["recall"] == 0 and per_class["c"]["support"] == 1
+    assert cm.tolist() == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
+
+
+# --- bad inputs: each error names the file -------------------------------------------------
+
+@pytest.fixture
+def copy(trained, tmp_path) -> Path:
+    shutil.copytree(trained / "model", tmp_path / "model")
+    shutil.copytree(trained / "data", tmp_path / "data")
+    return tmp_path
+
+
+def test_missing_model(copy):
+    (copy / "model" / "model.keras").unlink()
+    with pytest.raises(StageInputError, match=r"model\.keras: trained model not found"):
+        evaluate_model(copy / "model", copy / "data", copy / "eval", TEST_CFG)
+
+
+def test_missing_labels(copy):
+    (copy / "model" / "labels.json").unlink()
+    with pytest.raises(StageInputError, match=r"labels\.json: class labels file not found"):
+        evaluate_model(copy / "model", copy / "data", copy / "eval", TEST_CFG)
+
+
+def test_labels_not_matching_the_model(copy):
+    (copy / "model" / "labels.json").write_text(json.dumps([*CLASSES, "platelet"]))
+    with pytest.raises(StageInputError, match=r"labels\.json: lists 6 classes but the model outputs 5"):
+        evaluate_model(copy / "model", copy / "data", copy / "eval", TEST_CFG)
+
+
+def test_corrupt_model_file(copy):
+    (copy / "model" / "model.keras").write_bytes(b"not a zip")
+    with pytest.raises(StageInputError, match=r"model\.keras: cannot be loaded as a Keras model"):
+        evaluate_model(copy / "model", copy / "data", copy / "eval", TEST_CFG)
+
+
+def test_missing_dataset(copy):
+    (copy / "data" / "dataset.parquet").unlink()
+    with pytest.raises(StageInputError, match=r"dataset\.parquet: augmented dataset table not found"):
+        evaluate_model(copy / "model", copy / "data", copy / "eval", TEST_CFG)
+
+
+def test_dataset_label_unknown_to_the_model(copy):
+    df = pd.read_parquet(copy / "data" / "dataset.parquet")
+    df.loc[df.index[-1], "label"] = "myeloblast"
+    df.to_parquet(copy / "data" / "dataset.parquet", index=False)
+    expected = r"dataset\.parquet: 1 row\(s\) have label\(s\) not in the model's labels\.json .*myeloblast"
+    with pytest.raises(StageInputError, match=expected):
+        evaluate_model(copy / "model", copy / "data", copy / "eval", TEST_CFG)
+
+
+def test_empty_split(copy):
+    df = pd.read_parquet(copy / "data" / "dataset.parquet")
+    df[df["split"] != "val"].to_parquet(copy / "data" / "dataset.parquet", index=False)
+    with pytest.raises(StageInputError, match=r"dataset\.parquet: no rows with split == 'val'"):
+        evaluate_model(copy / "model", copy / "data", copy / "eval", EvaluateParams(split="val"))
+
+
+def test_undecodable_test_image(copy):
+    (copy / "data" / "images" / "test_lymphocyte_003.png").write_bytes(b"garbage")
+    with pytest.raises(StageInputError, match=r"test_lymphocyte_003\.png: image listed in dataset\.parquet cannot be decoded"):
+        evaluate_model(copy / "model", copy / "data", copy / "eval", TEST_CFG)

@@ -1,0 +1,64 @@
+"""A throw-away copy of the project (git + DVC) on a small generated dataset, and a Prefect harness."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+# Small but real: the same stages on fewer fields, fewer epochs.
+SMALL = {"augment": {"target_per_class": 24}, "train": {"epochs": 4, "image_size": 32},
+         "check_quality": {"min_per_class": 1, "max_imbalance_ratio": 5.0, "max_kl_divergence": 1.0},
+         "promote": {"min_balanced_accuracy": 0.0}}
+
+
+def sh(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+def make_project(dest: Path, n_fields: int = 40) -> Path:
+    """Copy code + pipeline files, generate data, track it with data.dvc, commit to git."""
+    for name in ("hemaflow", "tasks", "flows"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, dest / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for block, values in SMALL.items():
+        params[block].update(values)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git", "init", "-q", cwd=dest)
+    sh("dvc", "init", "-q", cwd=dest)
+    sh("dvc", "config", "core.analytics", "false", cwd=dest)
+    from hemaflow.synthetic import generate_dataset
+    generate_dataset(dest / "data" / "raw", n_fields=n_fields, seed=7)
+    sh("dvc", "add", "-q", "data/raw", cwd=dest)
+    track_as_data_dvc(dest)
+    sh("git", "add", "-A", cwd=dest)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", cwd=dest)
+    return dest
+
+
+def track_as_data_dvc(root: Path) -> None:
+    """`dvc add data/raw` writes data/raw.dvc; the project keeps it at the top as data.dvc."""
+    meta = yaml.safe_load((root / "data" / "raw.dvc").read_text())
+    meta["outs"][0]["path"] = "data/raw"
+    (root / "data.dvc").write_text(yaml.safe_dump(meta, sort_keys=False))
+    (root / "data" / "raw.dvc").unlink()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
