@@ -5,6 +5,10 @@ ingest -> validate_labels -> segment -> split -> augment -> check_quality -> tra
 A stage that DVC reports up to date is skipped (see flows/dvc_state.py); a stage that runs
 is recorded in dvc.lock. Retries are for transient I/O (file systems, the model store),
 never for bad input or a failed quality gate, which would fail the same way again.
+
+The batched stages (segment, augment) are subflows instead of tasks: the same stage code,
+its batches run as tasks on a DaskTaskRunner built from params.yaml `parallel`
+(flows/parallel.py), with a progress artifact updated as batches complete.
 """
 
 from __future__ import annotations
@@ -17,47 +21,64 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import dvc_state
 from flows.artifacts import progress_artifact, publish_summary
+from flows.parallel import dask_task_runner, is_transient, prefect_batch_runner, workers_share_prefect_api
 from hemaflow.config import load_params
-from hemaflow.stages import STAGES, run_stage, stage_paths
+from hemaflow.stages import BATCHED_STAGES, STAGES, run_stage, stage_paths
 
-RETRIES = {"ingest": 2, "segment": 1, "augment": 1, "promote": 3}
+RETRIES = {"ingest": 2, "promote": 3}  # segment and augment retry per batch (flows/parallel.py)
 
 
-def _transient(task, task_run, state) -> bool:
-    """Retry only errors that may pass on their own (I/O, network), not bad data."""
-    try:
-        state.result()
-    except (OSError, TimeoutError, ConnectionError) as exc:
-        from hemaflow.errors import StageInputError
-        return not isinstance(exc, StageInputError)
-    except Exception:
-        return False
-    return False
+def _run_or_skip(name: str, params_path: str, force: bool, use_dvc: bool, batched: bool = False) -> dict:
+    """Skip the stage if dvc.lock says it is up to date, else run it and record it in dvc.lock."""
+    logger = get_run_logger()
+    params_file = Path(params_path)
+    root = params_file.parent
+    if use_dvc and not force and dvc_state.is_up_to_date(root, name):
+        logger.info("%s: up to date in dvc.lock, skipped", name)
+        publish_summary(name, {"status": "up to date (dvc.lock): skipped"})
+        return {"stage": name, "ran": False}
+    result = run_stage(name, load_params(params_file), root, progress=progress_artifact(name),
+                       batch_runner=prefect_batch_runner(name) if batched else None)
+    if use_dvc:
+        dvc_state.record_run(root, name)
+    summary = result.summary()
+    publish_summary(name, summary, getattr(result, "markdown", None))
+    logger.info("%s: %s", name, summary)
+    return {"stage": name, "ran": True}
 
 
 def _stage_task(name: str):
-    @task(name=name, retries=RETRIES.get(name, 0), retry_delay_seconds=2, retry_condition_fn=_transient,
+    @task(name=name, retries=RETRIES.get(name, 0), retry_delay_seconds=2, retry_condition_fn=is_transient,
           cache_policy=NO_CACHE)  # caching is DVC's: see flows/dvc_state.py
     def run(params_path: str, force: bool, use_dvc: bool) -> dict:
-        logger = get_run_logger()
-        params_file = Path(params_path)
-        root = params_file.parent
-        if use_dvc and not force and dvc_state.is_up_to_date(root, name):
-            logger.info("%s: up to date in dvc.lock, skipped", name)
-            publish_summary(name, {"status": "up to date (dvc.lock): skipped"})
-            return {"stage": name, "ran": False}
-        result = run_stage(name, load_params(params_file), root, progress=progress_artifact(name))
-        if use_dvc:
-            dvc_state.record_run(root, name)
-        summary = result.summary()
-        publish_summary(name, summary, getattr(result, "markdown", None))
-        logger.info("%s: %s", name, summary)
-        return {"stage": name, "ran": True}
+        return _run_or_skip(name, params_path, force, use_dvc)
 
     return run
 
 
-STAGE_TASKS = {name: _stage_task(name) for name in STAGES}
+def _stage_flow(name: str):
+    @flow(name=name, log_prints=False)  # task runner set per run from params: see run_batched_stage
+    def run(params_path: str, force: bool, use_dvc: bool) -> dict:
+        return _run_or_skip(name, params_path, force, use_dvc, batched=True)
+
+    return run
+
+
+STAGE_TASKS = {name: _stage_task(name) for name in STAGES if name not in BATCHED_STAGES}
+STAGE_FLOWS = {name: _stage_flow(name) for name in BATCHED_STAGES}
+
+
+def run_batched_stage(name: str, params_path: str, force: bool = False, use_dvc: bool = False) -> dict:
+    """Run a batched stage as a subflow whose batches are tasks on Dask (params `parallel`)."""
+    runner = dask_task_runner(load_params(params_path).parallel)
+    with workers_share_prefect_api():
+        return STAGE_FLOWS[name].with_options(task_runner=runner)(str(params_path), force, use_dvc)
+
+
+def _run(name: str, params_path: str, force: bool, use_dvc: bool) -> dict:
+    if name in STAGE_FLOWS:
+        return run_batched_stage(name, params_path, force, use_dvc)
+    return STAGE_TASKS[name](params_path, force, use_dvc)
 
 
 @flow(name="hemaflow-training", log_prints=False)
@@ -66,7 +87,7 @@ def training_pipeline(params_path: str = "params.yaml", force: bool = False) -> 
     params_file = Path(params_path).resolve()
     root = params_file.parent
     use_dvc = dvc_state.dvc_tracks(root) and params_file.name == "params.yaml"
-    outcomes = [STAGE_TASKS[name](str(params_file), force, use_dvc) for name in STAGES]
+    outcomes = [_run(name, str(params_file), force, use_dvc) for name in STAGES]
     paths = stage_paths(load_params(params_file), root)
     evaluation = json.loads((paths.eval_dir / "metrics.json").read_text())
     promotion = json.loads(paths.promotion_path.read_text())

@@ -90,6 +90,35 @@ def format_run_summary(summary: dict) -> str:
 
 
 @app.command()
+@params_option
+def serve(params_path: Path) -> None:
+    """Serve scheduled retraining on a Prefect server (PREFECT_API_URL): cron + data-change trigger.
+
+    Runs until interrupted; the deployments show in the Prefect UI.
+    """
+    from prefect import serve as prefect_serve
+
+    from flows.schedules import retraining_deployments
+
+    try:
+        deployments = retraining_deployments(params_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    prefect_serve(*deployments)
+
+
+@app.command("data-status")
+@params_option
+@_fail_cleanly
+def data_status(params_path: Path) -> None:
+    """Say whether the versioned raw data (data.dvc) differs from what the pipeline last ran on."""
+    from flows.schedules import data_change
+
+    status = data_change(params_path.resolve().parent, load_params(params_path))
+    click.echo(json.dumps(status, indent=2))
+
+
+@app.command()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default="data/raw", show_default=True)
 @click.option("--n-fields", type=int, default=150, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

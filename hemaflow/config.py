@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Frozen(BaseModel):
@@ -35,16 +36,54 @@ class PathParams(_Frozen):
         return PathParams(**{k: (root / v) for k, v in self.model_dump().items()})
 
 
+BLOODMNIST_CLASSES = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil",
+                      "platelet")
+
+
 class IngestParams(_Frozen):
-    images_glob: str = "fields/*.jpg"
-    labels_csv: str = "labels.csv"
-    annotations_dir: str = "annotations"
-    id_pattern: str = "SmearField_{:05d}.jpg"
+    # auto picks the reader from the layout of raw_dir (see hemaflow.readers.detect_reader)
+    reader: Literal["auto", "voc_fields", "class_folders", "filename_labels", "medmnist"] = "auto"
+    images_glob: str = "fields/*.jpg"     # voc_fields: smear-field images, relative to raw_dir
+    labels_csv: str = "labels.csv"        # voc_fields: hand-made labels, relative to raw_dir (optional)
+    annotations_dir: str = "annotations"  # voc_fields: Pascal VOC XML beside the images (optional)
+    id_pattern: str = "SmearField_{:05d}.jpg"  # integer ids in the labels CSV -> file names
+    split_lists_dir: str | None = None    # voc_fields: folder of train/val/test.txt id lists (BCCD ImageSets/Main)
+    filename_glob: str = "**/*"           # filename_labels: files to read, relative to raw_dir
+    filename_pattern: str = r"^(?P<id>Im\d+)_(?P<label>\d+)$"  # on the file stem; group 'label' is the label
+    filename_labels: dict[str, str] = Field(default_factory=lambda: {"0": "no_blast", "1": "lymphoblast"})
+    npz_glob: str = "*.npz"               # medmnist: archives, relative to raw_dir
+    # medmnist: class names by label index, per dataset (npz stem without a _<size> suffix)
+    medmnist_classes: dict[str, tuple[str, ...]] = Field(default_factory=lambda: {"bloodmnist": BLOODMNIST_CLASSES})
+    # size_out_of_range: width or height more than this factor away from the source's median; None: off
+    size_tolerance: float | None = Field(4.0, gt=1)
+    expected_width: tuple[int, int] | None = None   # optional hard [min, max] range, every source
+    expected_height: tuple[int, int] | None = None
+
+    @field_validator("filename_pattern")
+    @classmethod
+    def _has_label_group(cls, v: str) -> str:
+        try:
+            groups = re.compile(v).groupindex
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from exc
+        if "label" not in groups:
+            raise ValueError("needs a named group (?P<label>...) holding the label")
+        return v
+
+    @field_validator("expected_width", "expected_height")
+    @classmethod
+    def _range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 0 < v[0] <= v[1]:
+            raise ValueError(f"expected [min, max] with 0 < min <= max, got {list(v)}")
+        return v
 
 
 class ValidateLabelsParams(_Frozen):
     on_error: Literal["drop", "fail"] = "drop"
     synonyms: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    check_file_prefix: bool = True          # a PBC-style subtype prefix (SNE_1.jpg) must agree with the label
+    near_duplicate_distance: int | None = Field(4, ge=0, le=64)  # phash Hamming bits; None: no check
+    on_disagreement: Literal["review", "keep"] = "review"  # second annotator disagrees: review, or keep the first label
 
 
 class SegmentParams(_Frozen):
@@ -53,6 +92,20 @@ class SegmentParams(_Frozen):
     mask_background: bool = True
     min_area_frac: float = Field(0.002, gt=0)
     max_area_frac: float = Field(0.12, gt=0)
+    # detection (tasks/segment.py): colour = real smears (BCCD, PBC); optical_density = the embedded synthetic fields
+    method: Literal["colour", "optical_density"] = "colour"
+    # colour method; chosen on the BCCD train list, see benchmarks/segment.py
+    detect_downscale: int = Field(4, ge=1)               # detect on a copy this many times smaller
+    nucleus_hue: tuple[int, int] = (105, 165)            # OpenCV hue (0-180) of nuclear stain: blue..purple
+    nucleus_min_saturation: int = Field(80, ge=0, le=255)
+    min_nucleus_frac: float = Field(0.01, ge=0)          # smaller nucleus groups (platelets, specks): no cell
+    lobe_join_px: int = Field(20, ge=0)                  # nucleus pieces this close (full-size px) are one cell
+    cell_min_blue_shift: float = Field(9.0, gt=0)        # CIELAB b* below the background's: cell (cytoplasm)
+    cell_open_px: int = Field(8, ge=0)                   # opening radius (full-size px) cutting thin leaks
+    cell_reach: float = Field(0.6, gt=0)                 # cytoplasm at most this x sqrt(nucleus area) away
+    box_pad_x: float = Field(0.0625, ge=-0.25, le=1)     # box grown by this fraction of its width, each side
+    box_pad_y: float = Field(0.0375, ge=-0.25, le=1)     # ... and of its height
+    border_min_visible: float = Field(0.75, ge=0, le=1)  # edge cell showing less of its round area: cut
 
 
 class SplitParams(_Frozen):
@@ -71,10 +124,27 @@ class AugmentParams(_Frozen):
     brightness_jitter: float = Field(0.12, ge=0, le=1)
 
 
+class ParallelParams(_Frozen):
+    """How the Prefect flow spreads the batched stages (segment, augment) over Dask.
+
+    The CLI and `dvc repro` run the same batches serially. No output depends on these
+    values, so no dvc.yaml stage lists them and changing them re-runs nothing.
+    """
+
+    dask_address: str | None = None   # scheduler, e.g. tcp://host:8786; None: a local cluster per stage run
+    n_workers: int = Field(2, ge=1)   # local cluster worker processes
+    threads_per_worker: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)  # fields per segment task
+    augment_batch_size: int = Field(128, ge=1)  # augmented images per augment task
+
+
 class CheckQualityParams(_Frozen):
     min_per_class: int = Field(3, ge=0)
     max_imbalance_ratio: float = Field(3.0, ge=1)
     max_kl_divergence: float = Field(0.25, ge=0)
+    # the clean label table (images, before segment/split); None: the same value as for the splits
+    clean_min_per_class: int | None = Field(None, ge=0)
+    clean_max_imbalance_ratio: float | None = Field(None, ge=1)
     # val/test keep the natural class mix (stratified, not augmented): drop them here when it is skewed
     imbalance_splits: tuple[Literal["train", "val", "test"], ...] = ("train", "val", "test")
 
@@ -100,6 +170,13 @@ class PromoteParams(_Frozen):
     min_balanced_accuracy: float = Field(0.6, ge=0, le=1)
 
 
+class ScheduleParams(_Frozen):
+    """Retraining: on a cron, and whenever the versioned raw data (data.dvc) changes."""
+    cron: str = "0 3 * * 1"           # every Monday 03:00
+    timezone: str = "UTC"
+    watch_interval_s: int = Field(600, ge=10)  # how often the data watcher compares data.dvc with dvc.lock
+
+
 class Params(_Frozen):
     base: BaseParams = BaseParams()
     paths: PathParams = PathParams()
@@ -108,11 +185,12 @@ class Params(_Frozen):
     segment: SegmentParams = SegmentParams()
     split: SplitParams = SplitParams()
     augment: AugmentParams = AugmentParams()
+    parallel: ParallelParams = ParallelParams()
     check_quality: CheckQualityParams = CheckQualityParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()
-
+    schedule: ScheduleParams = ScheduleParams()
 
 
 class ConfigError(ValueError):

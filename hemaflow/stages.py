@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hemaflow.batches import BatchRunner
 from hemaflow.config import Params, PathParams
 from hemaflow.progress import Progress
 
@@ -27,9 +28,9 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("ingest", ("raw_dir",), ("manifest_path",), "Scan raw images and labels into a manifest with content hashes."),
     StageSpec("validate_labels", ("manifest_path",), ("labels_dir",), "Normalise labels; send bad items to the review list."),
     StageSpec("segment", ("labels_dir", "raw_dir"), ("crops_dir",), "Crop every white cell found in the images."),
-    StageSpec("split", ("crops_dir",), ("split_path",), "Stratified, group-aware train/val/test split by source image."),
+    StageSpec("split", ("crops_dir", "labels_dir"), ("split_path",), "Stratified, group-aware train/val/test split by source image and near-duplicate group."),
     StageSpec("augment", ("split_path", "crops_dir"), ("augmented_dir",), "Class-balancing augmentation of the train split."),
-    StageSpec("check_quality", ("augmented_dir",), ("quality_dir",), "Great Expectations gate: schema, taxonomy, balance, leakage."),
+    StageSpec("check_quality", ("augmented_dir", "labels_dir"), ("quality_dir",), "Great Expectations gate on the clean table and the splits: schema, taxonomy, balance, leakage."),
     StageSpec("train", ("augmented_dir",), ("model_dir",), "Train the Keras classifier."),
     StageSpec("evaluate", ("model_dir", "augmented_dir"), ("eval_dir",), "Score the model: accuracy, per-class metrics, confusion matrix."),
     StageSpec("promote", ("model_dir", "eval_dir"), ("promotion_path",), "Publish the model to the model store if it passes the gate."),
@@ -42,8 +43,13 @@ def stage_paths(params: Params, root: Path, overrides: dict[str, Path] | None = 
     return merged.resolved(root)
 
 
+# Stages written as plan -> batch function -> finish (hemaflow/batches.py): run_stage runs their
+# batches serially unless given a batch_runner (the Prefect flow passes a Dask one).
+BATCHED_STAGES = ("segment", "augment")
+
+
 def run_stage(name: str, params: Params, root: Path, overrides: dict[str, Path] | None = None,
-              progress: Progress | None = None) -> Any:
+              progress: Progress | None = None, batch_runner: BatchRunner | None = None) -> Any:
     """Run one stage with its params block and paths; returns the stage's result record."""
     if name not in _RUNNERS:
         raise KeyError(f"unknown stage '{name}'; stages: {', '.join(STAGES)}")
@@ -51,7 +57,8 @@ def run_stage(name: str, params: Params, root: Path, overrides: dict[str, Path] 
         store = Path(params.promote.store_url)
         params = params.model_copy(update={"promote": params.promote.model_copy(
             update={"store_url": str(store if store.is_absolute() else root / store)})})
-    return _RUNNERS[name](params, stage_paths(params, root, overrides), progress)
+    extra = {"batch_runner": batch_runner} if name in BATCHED_STAGES else {}
+    return _RUNNERS[name](params, stage_paths(params, root, overrides), progress, **extra)
 
 
 def _ingest(p: Params, d: PathParams, progress):
@@ -64,24 +71,28 @@ def _validate_labels(p: Params, d: PathParams, progress):
     return validate_labels(d.manifest_path, d.labels_dir, p.validate_labels, p.base.classes)
 
 
-def _segment(p: Params, d: PathParams, progress):
+def _segment(p: Params, d: PathParams, progress, batch_runner: BatchRunner | None = None):
     from tasks.segment import segment_images
-    return segment_images(d.labels_dir / "clean.parquet", d.raw_dir, d.crops_dir, p.segment, progress)
+    return segment_images(d.labels_dir / "clean.parquet", d.raw_dir, d.crops_dir, p.segment, progress,
+                          batch_size=p.parallel.batch_size, run_batches=batch_runner)
 
 
 def _split(p: Params, d: PathParams, progress):
     from tasks.split import split_crops
-    return split_crops(d.crops_dir / "crops.parquet", d.split_path, p.split, p.base.seed)
+    return split_crops(d.crops_dir / "crops.parquet", d.split_path, p.split, p.base.seed,
+                       clean_path=d.labels_dir / "clean.parquet")
 
 
-def _augment(p: Params, d: PathParams, progress):
+def _augment(p: Params, d: PathParams, progress, batch_runner: BatchRunner | None = None):
     from tasks.augment import augment_dataset
-    return augment_dataset(d.split_path, d.crops_dir, d.augmented_dir, p.augment, p.base.seed, progress)
+    return augment_dataset(d.split_path, d.crops_dir, d.augmented_dir, p.augment, p.base.seed, progress,
+                           batch_size=p.parallel.augment_batch_size, run_batches=batch_runner)
 
 
 def _check_quality(p: Params, d: PathParams, progress):
     from tasks.check_quality import check_quality
-    return check_quality(d.augmented_dir / "dataset.parquet", d.quality_dir, p.check_quality, p.base.classes)
+    return check_quality(d.augmented_dir / "dataset.parquet", d.quality_dir, p.check_quality, p.base.classes,
+                         clean_path=d.labels_dir / "clean.parquet")
 
 
 def _train(p: Params, d: PathParams, progress):

@@ -8,6 +8,7 @@ rotation <= 20 deg, shifts <= 10 %, flips, zoom, colour/stain jitter, fill mode 
 
 from __future__ import annotations
 
+import functools
 import shutil
 import zlib
 from dataclasses import dataclass, field
@@ -17,10 +18,15 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from hemaflow.batches import BatchRunner, run_serial, split_batches
 from hemaflow.config import AugmentParams
+from hemaflow.contact_sheet import save_grid
 from hemaflow.errors import StageInputError, require_columns, require_file
-from hemaflow.progress import Progress, track
+from hemaflow.progress import Progress
 from hemaflow.schema import CROP_COLUMNS, DATASET_COLUMNS
+
+SHEET_SOURCES_PER_CLASS = 2  # contact sheet: train crops shown per class ...
+SHEET_VARIANTS = 5           # ... each followed by up to this many of its variants
 
 
 @dataclass
@@ -28,9 +34,11 @@ class AugmentResult:
     dataset_path: Path
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> n
     n_augmented: int = 0
+    contact_sheet_path: Path | None = None
 
     def summary(self) -> dict:
-        out = {"augmented images": self.n_augmented, "dataset": str(self.dataset_path)}
+        out = {"augmented images": self.n_augmented, "dataset": str(self.dataset_path),
+               "contact sheet": str(self.contact_sheet_path)}
         for split, per in self.counts.items():
             out[f"{split}"] = ", ".join(f"{k}={v}" for k, v in per.items())
         return out
@@ -75,22 +83,33 @@ def job_seed(seed: int, crop_id: str, k: int) -> int:
     return zlib.crc32(f"{seed}:{crop_id}:{k}".encode())
 
 
-def augment_dataset(split_path: Path, crops_dir: Path, augmented_dir: Path, cfg: AugmentParams, seed: int,
-                    progress: Progress | None = None) -> AugmentResult:
-    """Copy every crop, add balancing variants of train crops, write dataset.parquet."""
+def _read_split(split_path: Path) -> pd.DataFrame:
     require_file(split_path, "split table")
-    crops = pd.read_parquet(split_path)
+    try:
+        crops = pd.read_parquet(split_path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise StageInputError(split_path, f"cannot read as parquet: {exc}") from exc
     require_columns(crops, (*CROP_COLUMNS, "split"), split_path)
     if crops.empty:
         raise StageInputError(split_path, "no crops to augment")
+    return crops
 
+
+def plan_augment(split_path: Path, crops_dir: Path, augmented_dir: Path,
+                 cfg: AugmentParams) -> tuple[list[dict], list[dict]]:
+    """Plan: copy every crop unchanged (cheap) and list the augmentation jobs (the batch items).
+
+    Returns (rows of the copied crops, jobs). Each job carries everything its batch needs
+    (source crop path, label, provenance, k), so batches share no state.
+    """
+    split_path, crops_dir, augmented_dir = Path(split_path), Path(crops_dir), Path(augmented_dir)
+    crops = _read_split(split_path)
     img_dir = augmented_dir / "images"
     if augmented_dir.exists():
         shutil.rmtree(augmented_dir)
     img_dir.mkdir(parents=True)
 
     rows = []
-    by_id = crops.set_index("crop_id")
     for r in crops.itertuples(index=False):
         src = crops_dir / r.path
         if not src.is_file():
@@ -101,22 +120,81 @@ def augment_dataset(split_path: Path, crops_dir: Path, augmented_dir: Path, cfg:
                      "source_id": r.source_id, "source_sha256": r.source_sha256, "crop_id": r.crop_id,
                      "augmented": False})
 
-    jobs = plan_augmentation(crops[crops["split"] == "train"], cfg.target_per_class)
-    for crop_id, k in track(jobs, len(jobs), progress, every=25):
-        src_row = by_id.loc[crop_id]
-        src = crops_dir / src_row["path"]
+    by_id = crops.set_index("crop_id")
+    jobs = []
+    for crop_id, k in plan_augmentation(crops[crops["split"] == "train"], cfg.target_per_class):
+        src = by_id.loc[crop_id]
+        jobs.append({"crop_id": crop_id, "k": k, "src_path": src["path"], "label": src["label"],
+                     "source_id": src["source_id"], "source_sha256": src["source_sha256"]})
+    return rows, jobs
+
+
+def augment_batch(jobs: list[dict], crops_dir: Path, augmented_dir: Path, cfg: AugmentParams,
+                  seed: int) -> list[dict]:
+    """Batch: write one variant per job (seeded by job_seed, so batching cannot change it); return its rows."""
+    rows = []
+    for job in jobs:
+        src = Path(crops_dir) / job["src_path"]
         img = cv2.imread(str(src), cv2.IMREAD_COLOR)
         if img is None:
             raise StageInputError(src, "crop cannot be decoded")
-        out = augment_image(img, np.random.default_rng(job_seed(seed, crop_id, k)), cfg)
-        dst = img_dir / f"{crop_id}_aug{k:03d}.png"
-        cv2.imwrite(str(dst), out)
-        rows.append({"path": dst.relative_to(augmented_dir).as_posix(), "label": src_row["label"], "split": "train",
-                     "source_id": src_row["source_id"], "source_sha256": src_row["source_sha256"],
-                     "crop_id": crop_id, "augmented": True})
+        out = augment_image(img, np.random.default_rng(job_seed(seed, job["crop_id"], job["k"])), cfg)
+        rel = f"images/{job['crop_id']}_aug{job['k']:03d}.png"
+        if not cv2.imwrite(str(Path(augmented_dir) / rel), out):
+            raise OSError(f"{Path(augmented_dir) / rel}: could not write augmented image")
+        rows.append({"path": rel, "label": job["label"], "split": "train", "source_id": job["source_id"],
+                     "source_sha256": job["source_sha256"], "crop_id": job["crop_id"], "augmented": True})
+    return rows
 
+
+def finish_augment(augmented_dir: Path, rows: list[dict], seed: int) -> AugmentResult:
+    """Finish: dataset.parquet (copies first, then variants in job order) and the contact sheet."""
+    augmented_dir = Path(augmented_dir)
     ds = pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
     dataset_path = augmented_dir / "dataset.parquet"
     ds.to_parquet(dataset_path, index=False)
+    sheet = write_contact_sheet(ds, augmented_dir, seed)
     counts = {s: ds[ds["split"] == s]["label"].value_counts().sort_index().to_dict() for s in ("train", "val", "test")}
-    return AugmentResult(dataset_path, counts, int(ds["augmented"].sum()))
+    return AugmentResult(dataset_path, counts, int(ds["augmented"].sum()), sheet)
+
+
+def write_contact_sheet(ds: pd.DataFrame, augmented_dir: Path, seed: int, per_class: int = SHEET_SOURCES_PER_CLASS,
+                        variants: int = SHEET_VARIANTS) -> Path:
+    """augmented_dir/contact_sheet.png: per class, a few train crops, each followed by its variants.
+
+    Picks the train crops with the most variants (ties by crop id), so a person can judge
+    whether the transforms still look like the same cell of the same class.
+    """
+    train = ds[ds["split"] == "train"]
+    tiles, captions = [], []
+    for label in sorted(train["label"].unique()):
+        grp = train[train["label"] == label]
+        n_var = grp[grp["augmented"]].groupby("crop_id").size()
+        originals = grp[~grp["augmented"]].assign(n=lambda g: g["crop_id"].map(n_var).fillna(0))
+        picked = originals.sort_values(["n", "crop_id"], ascending=[False, True]).head(per_class)
+        for src in picked.itertuples(index=False):
+            row = [(src.path, f"{label} {src.crop_id}")]
+            var = grp[grp["augmented"] & (grp["crop_id"] == src.crop_id)].head(variants)
+            row += [(p, f"{Path(p).stem.rsplit('_', 1)[-1]} {label}") for p in var["path"]]
+            row += [None] * (variants + 1 - len(row))
+            for cell in row:
+                img = cv2.imread(str(augmented_dir / cell[0])) if cell else None
+                tiles.append(img if img is not None else np.full((8, 8, 3), 255, np.uint8))
+                captions.append(cell[1] if cell else "")
+    return save_grid(augmented_dir / "contact_sheet.png", tiles, captions, cols=variants + 1, tile_size=140,
+                     title=f"augment, seed {seed}: each row a train crop (its id), then variants augNNN of it")
+
+
+def augment_dataset(split_path: Path, crops_dir: Path, augmented_dir: Path, cfg: AugmentParams, seed: int,
+                    progress: Progress | None = None, batch_size: int = 128,
+                    run_batches: BatchRunner | None = None) -> AugmentResult:
+    """Stage driver: copy every crop, add balancing variants of train crops, write dataset.parquet + contact sheet.
+
+    The variants are made in batches of `batch_size` jobs through `run_batches` (default:
+    serially in-process; the Prefect flow passes a Dask runner).
+    """
+    rows, jobs = plan_augment(split_path, crops_dir, augmented_dir, cfg)
+    batch_fn = functools.partial(augment_batch, crops_dir=Path(crops_dir), augmented_dir=Path(augmented_dir),
+                                 cfg=cfg, seed=seed)
+    parts = (run_batches or run_serial)(batch_fn, split_batches(jobs, batch_size), progress)
+    return finish_augment(augmented_dir, rows + [r for part in parts for r in part], seed)

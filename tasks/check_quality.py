@@ -1,8 +1,11 @@
-"""Data-quality gate: Great Expectations suites over the final dataset table, before training.
+"""Data-quality gate: Great Expectations suites over the clean label table and the final
+dataset table (each split), before training.
 
-The model is only as good as the table it learns from: this stage stops the run when a split
-misses a class, is too imbalanced, drifts from the overall class mix, or shares a source
-image with another split (leakage), and says in plain words which class and by how much.
+The model is only as good as the table it learns from: this stage stops the run when the
+clean table has nulls, unknown classes, duplicate content or too few / too unbalanced
+classes, or when a split misses a class, is too imbalanced, drifts from the overall class
+mix, or shares a source image or near-duplicate group (validate_labels' group_id) with
+another split (leakage), and says in plain words which class and by how much.
 Derived tables (counts per split x class, balance per split, splits per source) are built
 with pandas and checked with expectations, so every verdict is a GX validation result.
 """
@@ -20,11 +23,13 @@ import pandas as pd
 
 from hemaflow.config import CheckQualityParams
 from hemaflow.errors import StageInputError, require_columns, require_file
-from hemaflow.schema import DATASET_COLUMNS
+from hemaflow.schema import CLEAN_COLUMNS, DATASET_COLUMNS
 
 SPLITS = ("train", "val", "test")
 STRING_COLUMNS = ("path", "label", "split", "source_id", "source_sha256", "crop_id")
 SOURCE_KEYS = ("source_sha256", "source_id")
+GROUP_KEY = "group_id"   # near-duplicate group, joined from clean.parquet on source_id
+CLEAN_REQUIRED = ("image_id", "path", "sha256", "label", "group_id")  # never null in the clean table
 MAX_EXAMPLES = 5
 
 
@@ -71,10 +76,11 @@ class QualityResult:
     markdown: str                          # the report, e.g. for a Prefect artifact
     result_path: Path
     report_path: Path
+    clean_counts: dict[str, int] | None = None  # class -> images in the clean table (None: not checked)
 
     def summary(self) -> dict:
         """Plain-JSON record for metrics files and Prefect artifacts."""
-        return {
+        out = {
             "success": self.success,
             "n_rows": sum(sum(c.values()) for c in self.counts.values()),
             "n_checks": len(self.checks),
@@ -83,6 +89,9 @@ class QualityResult:
             "counts": self.counts,
             "originals": self.originals,
         }
+        if self.clean_counts is not None:
+            out["clean_counts"] = self.clean_counts
+        return out
 
 
 # A check's describer turns a GX result dict into (observed text, readable problems).
@@ -107,11 +116,20 @@ class SuitePlan:
 
 
 def check_quality(
-    dataset_path: Path, quality_dir: Path, cfg: CheckQualityParams, classes: tuple[str, ...]
+    dataset_path: Path, quality_dir: Path, cfg: CheckQualityParams, classes: tuple[str, ...],
+    clean_path: Path | None = None,
 ) -> QualityResult:
-    """Validate the dataset table; write result.json and report.md; raise QualityGateError on failure."""
+    """Validate the clean table (if given) and the dataset table; write result.json and report.md;
+    raise QualityGateError on failure."""
     df = read_dataset(dataset_path)
-    plans = plan_suites(df, cfg, classes)
+    clean = read_clean(clean_path) if clean_path is not None else None
+    clean_counts = None
+    plans = []
+    if clean is not None:
+        df = attach_groups(df, clean)
+        clean_counts = {c: int((clean["label"] == c).sum()) for c in classes}
+        plans += plan_clean_suites(clean, cfg, classes)
+    plans += plan_suites(df, cfg, classes)
     validations = run_suites(plans)
     checks = [
         row_from_result(plan.name, planned, result)
@@ -124,14 +142,15 @@ def check_quality(
     quality_dir = Path(quality_dir)
     quality_dir.mkdir(parents=True, exist_ok=True)
     result_path, report_path = quality_dir / "result.json", quality_dir / "report.md"
-    markdown = render_report(dataset_path, checks, failures, counts, originals, classes)
+    markdown = render_report(dataset_path, checks, failures, counts, originals, classes, clean_counts)
     result = QualityResult(
         success=not failures and all(c.passed for c in checks),
         counts=counts, originals=originals, checks=checks, failures=failures,
-        markdown=markdown, result_path=result_path, report_path=report_path,
+        markdown=markdown, result_path=result_path, report_path=report_path, clean_counts=clean_counts,
     )
     payload = {
         "dataset_path": str(dataset_path),
+        "clean_path": None if clean_path is None else str(clean_path),
         "summary": result.summary(),
         "checks": [asdict(c) for c in checks],
         "validation_results": {plan.name: raw for plan, (raw, _) in zip(plans, validations)},
@@ -153,6 +172,23 @@ def read_dataset(dataset_path: Path) -> pd.DataFrame:
         raise StageInputError(dataset_path, f"cannot read parquet: {exc}") from exc
     require_columns(df, DATASET_COLUMNS, dataset_path)
     return df.reset_index(drop=True)
+
+
+def read_clean(clean_path: Path) -> pd.DataFrame:
+    """Load validate_labels' clean table; it must at least name images, labels and groups."""
+    require_file(clean_path, "clean label table")
+    try:
+        clean = pd.read_parquet(clean_path)
+    except Exception as exc:
+        raise StageInputError(clean_path, f"cannot read parquet: {exc}") from exc
+    require_columns(clean, ("image_id", "label", GROUP_KEY), clean_path)
+    return clean.reset_index(drop=True)
+
+
+def attach_groups(df: pd.DataFrame, clean: pd.DataFrame) -> pd.DataFrame:
+    """Dataset rows + the near-duplicate group of their source image (NaN if the source is not in clean)."""
+    groups = clean.drop_duplicates("image_id").set_index("image_id")[GROUP_KEY]
+    return df.assign(**{GROUP_KEY: df["source_id"].astype(str).map(groups)})
 
 
 # ---------------------------------------------------------------- derived tables
@@ -194,7 +230,7 @@ def build_split_balance(class_counts: pd.DataFrame) -> pd.DataFrame:
 def build_sources(df: pd.DataFrame) -> pd.DataFrame:
     """One row per source (by hash and by id): how many splits its rows sit in, and which."""
     frames = []
-    for key in SOURCE_KEYS:
+    for key in SOURCE_KEYS + ((GROUP_KEY,) if GROUP_KEY in df.columns else ()):
         rows = df.dropna(subset=[key])
         grouped = rows.groupby(key, sort=True)
         frames.append(pd.DataFrame({
@@ -277,7 +313,7 @@ def plan_suites(df: pd.DataFrame, cfg: CheckQualityParams, classes: tuple[str, .
                 describe_kl(s, cfg.max_kl_divergence)))
 
     leakage = SuitePlan("leakage", sources, "COMPLETE")
-    for key in SOURCE_KEYS:
+    for key in SOURCE_KEYS + ((GROUP_KEY,) if GROUP_KEY in df.columns else ()):
         leakage.checks.append(PlannedCheck(
             E.ExpectColumnValuesToBeBetween(column="n_splits", max_value=1, row_condition=Column("key") == key),
             "n_splits", f"per {key}", "1 split", describe_leakage(sources, key)))
@@ -288,7 +324,75 @@ def plan_suites(df: pd.DataFrame, cfg: CheckQualityParams, classes: tuple[str, .
             column="augmented", value_set=[False], row_condition=Column("split").is_in(["val", "test"])),
         "augmented", "val+test", "False", describe_held_out(df)))
 
-    return [schema, completeness, taxonomy, minimum, imbalance, distribution, leakage, held_out]
+    plans = [schema, completeness, taxonomy, minimum, imbalance, distribution, leakage, held_out]
+    if GROUP_KEY in df.columns:  # every row must trace back to an image of the clean table
+        lineage = SuitePlan("lineage", df, "SUMMARY")
+        lineage.checks.append(PlannedCheck(
+            E.ExpectColumnValuesToNotBeNull(column=GROUP_KEY), GROUP_KEY, "table", "source_id in clean table",
+            describe_lineage(df)))
+        plans.append(lineage)
+    return plans
+
+
+def build_clean_counts(clean: pd.DataFrame, classes: tuple[str, ...]) -> pd.DataFrame:
+    """One row per taxonomy class (zeros included): images in the clean table."""
+    counts = clean["label"].value_counts().reindex(list(classes), fill_value=0)
+    return pd.DataFrame({"label": list(classes), "images": [int(v) for v in counts.to_numpy()]})
+
+
+def build_clean_balance(counts: pd.DataFrame) -> pd.DataFrame:
+    sub = counts.sort_values(["images", "label"], kind="stable")
+    small, large = sub.iloc[0], sub.iloc[-1]
+    ratio = large["images"] / small["images"] if small["images"] > 0 else math.inf
+    return pd.DataFrame([{"largest_class": large["label"], "largest": int(large["images"]),
+                          "smallest_class": small["label"], "smallest": int(small["images"]), "ratio": float(ratio)}])
+
+
+def plan_clean_suites(clean: pd.DataFrame, cfg: CheckQualityParams, classes: tuple[str, ...]) -> list[SuitePlan]:
+    """Suites on validate_labels' clean table: what every split is cut from."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    schema = SuitePlan("clean_schema", clean, "COMPLETE")
+    schema.checks.append(PlannedCheck(
+        E.ExpectTableColumnsToMatchSet(column_set=list(CLEAN_COLUMNS), exact_match=False),
+        "(all)", "clean", "contains " + ", ".join(CLEAN_COLUMNS), describe_columns))
+    for col, what in (("sha256", "identical content twice"), ("image_id", "one image id twice")):
+        if col in clean.columns:
+            schema.checks.append(PlannedCheck(
+                E.ExpectColumnValuesToBeUnique(column=col), col, "clean", "unique",
+                describe_not_unique(clean, col, what)))
+    if "error" in clean.columns:
+        schema.checks.append(PlannedCheck(
+            E.ExpectColumnValuesToBeNull(column="error"), "error", "clean", "null",
+            describe_clean_errors(clean)))
+
+    completeness = SuitePlan("clean_completeness", clean, "COMPLETE")
+    for col in CLEAN_REQUIRED:
+        if col in clean.columns:
+            completeness.checks.append(PlannedCheck(
+                E.ExpectColumnValuesToNotBeNull(column=col), col, "clean", "no nulls",
+                describe_nulls(clean, col, id_col="image_id", scope="clean")))
+
+    taxonomy = SuitePlan("clean_taxonomy", clean, "SUMMARY")
+    taxonomy.checks.append(PlannedCheck(
+        E.ExpectColumnValuesToBeInSet(column="label", value_set=list(classes)), "label", "clean",
+        "in {" + ", ".join(classes) + "}", describe_outside_set("label", tuple(classes), scope="clean")))
+
+    min_count = cfg.min_per_class if cfg.clean_min_per_class is None else cfg.clean_min_per_class
+    max_ratio = cfg.max_imbalance_ratio if cfg.clean_max_imbalance_ratio is None else cfg.clean_max_imbalance_ratio
+    counts = build_clean_counts(clean, classes)
+    minimum = SuitePlan("clean_class_minimum", counts, "COMPLETE")
+    minimum.checks.append(PlannedCheck(
+        E.ExpectColumnValuesToBeBetween(column="images", min_value=min_count),
+        "images", "clean", f">= {min_count} per class", describe_clean_minimum(counts, min_count)))
+
+    balance = build_clean_balance(counts)
+    imbalance = SuitePlan("clean_class_imbalance", balance, "COMPLETE")
+    imbalance.checks.append(PlannedCheck(
+        E.ExpectColumnValuesToBeBetween(column="ratio", max_value=max_ratio),
+        "ratio", "clean", f"<= {max_ratio:g}", describe_clean_imbalance(balance, max_ratio)))
+    return [schema, completeness, taxonomy, minimum, imbalance]
 
 
 def run_suites(plans: list[SuitePlan]) -> list[tuple[dict, list[dict]]]:
@@ -366,21 +470,73 @@ def describe_type(col: str, type_: str) -> Describer:
     return describe
 
 
-def describe_nulls(df: pd.DataFrame, col: str) -> Describer:
+def describe_nulls(df: pd.DataFrame, col: str, id_col: str = "crop_id", scope: str = "") -> Describer:
+    prefix = f"{scope}: " if scope else ""
+
     def describe(result: dict) -> tuple[str, list[str]]:
         n = int(result.get("unexpected_count", 0))
         rows = unexpected_rows(result)
-        ids = [f"row {i} ({df.at[i, 'crop_id']})" if pd.notna(df.at[i, "crop_id"]) else f"row {i}" for i in rows]
-        return f"{n} null", [f"null: {n} row(s) have no {col}: {examples(ids)}"]
+        ids = [f"row {i} ({df.at[i, id_col]})" if pd.notna(df.at[i, id_col]) else f"row {i}" for i in rows]
+        return f"{n} null", [f"{prefix}null: {n} row(s) have no {col}: {examples(ids)}"]
     return describe
 
 
-def describe_outside_set(col: str, allowed: tuple[str, ...]) -> Describer:
+def describe_outside_set(col: str, allowed: tuple[str, ...], scope: str = "") -> Describer:
+    prefix = f"{scope}: " if scope else ""
+
     def describe(result: dict) -> tuple[str, list[str]]:
         n = int(result.get("unexpected_count", 0))
         values = [f"{c['value']!r} x{c['count']}" for c in result.get("partial_unexpected_counts", [])]
         what = "outside the taxonomy" if col == "label" else "not a known split"
-        return f"{n} outside", [f"{col}: {n} row(s) {what} ({', '.join(allowed)}): {examples(values)}"]
+        return f"{n} outside", [f"{prefix}{col}: {n} row(s) {what} ({', '.join(allowed)}): {examples(values)}"]
+    return describe
+
+
+def describe_not_unique(clean: pd.DataFrame, col: str, what: str) -> Describer:
+    def describe(result: dict) -> tuple[str, list[str]]:
+        rows = unexpected_rows(result)
+        ids = [f"{clean.at[i, 'image_id']} ({str(clean.at[i, col])[:12]})" for i in rows]
+        return f"{len(rows)} repeated", [f"clean: {len(rows)} row(s) share a {col} ({what}): {examples(ids)}"]
+    return describe
+
+
+def describe_clean_errors(clean: pd.DataFrame) -> Describer:
+    def describe(result: dict) -> tuple[str, list[str]]:
+        rows = unexpected_rows(result)
+        ids = [f"{clean.at[i, 'image_id']} ({clean.at[i, 'error']})" for i in rows]
+        return f"{len(rows)} with error", [f"clean: {len(rows)} row(s) carry an ingest error: {examples(ids)}"]
+    return describe
+
+
+def describe_clean_minimum(counts: pd.DataFrame, minimum: int) -> Describer:
+    def describe(result: dict) -> tuple[str, list[str]]:
+        problems = []
+        for i in unexpected_rows(result):
+            row = counts.loc[i]
+            if row["images"] == 0:
+                problems.append(f"clean: {row['label']} is missing (0 < {minimum}, clean_min_per_class)")
+            else:
+                problems.append(f"clean: {row['label']} has {row['images']} < {minimum} images "
+                                f"({minimum - row['images']} short, clean_min_per_class)")
+        return f"{len(problems)} class(es) short", problems
+    return describe
+
+
+def describe_clean_imbalance(balance: pd.DataFrame, max_ratio: float) -> Describer:
+    row = balance.iloc[0]
+
+    def describe(result: dict) -> tuple[str, list[str]]:
+        ratio = f"{row['ratio']:.2f}" if math.isfinite(row["ratio"]) else "inf"
+        return ratio, [f"clean: imbalance {ratio} > {max_ratio:g} "
+                       f"({row['largest_class']} {row['largest']} / {row['smallest_class']} {row['smallest']})"]
+    return describe
+
+
+def describe_lineage(df: pd.DataFrame) -> Describer:
+    def describe(result: dict) -> tuple[str, list[str]]:
+        n = int(result.get("unexpected_count", 0))
+        ids = sorted({str(df.at[i, "source_id"]) for i in unexpected_rows(result)})
+        return f"{n} unmatched", [f"lineage: {n} row(s) have a source_id not in the clean table: {examples(ids)}"]
     return describe
 
 
@@ -434,7 +590,9 @@ def describe_leakage(sources: pd.DataFrame, key: str) -> Describer:
     def describe(result: dict) -> tuple[str, list[str]]:
         rows = sources.loc[unexpected_rows(result)]
         items = [
-            (f"{r.source_id} ({r.splits})" if key == "source_id" else f"{r.source[:12]}.. = {r.source_id} ({r.splits})")
+            f"{r.source_id} ({r.splits})" if key == "source_id"
+            else f"group {r.source} ({r.splits})" if key == GROUP_KEY
+            else f"{r.source[:12]}.. = {r.source_id} ({r.splits})"
             for r in rows.itertuples()
         ]
         n = int(result.get("unexpected_count", len(items)))
@@ -455,6 +613,7 @@ def describe_held_out(df: pd.DataFrame) -> Describer:
 def render_report(
     dataset_path: Path, checks: list[CheckRow], failures: list[str],
     counts: dict[str, dict[str, int]], originals: dict[str, dict[str, int]], classes: tuple[str, ...],
+    clean_counts: dict[str, int] | None = None,
 ) -> str:
     """Markdown a person reads first: verdict, failures in words, every check, counts."""
     def cell(v: object) -> str:
@@ -475,6 +634,10 @@ def render_report(
         per = [f"{counts[s][c]} ({originals[s][c]})" for c in classes]
         total = f"{sum(counts[s].values())} ({sum(originals[s].values())})"
         lines.append(f"| {s} | " + " | ".join(per) + f" | {total} |")
+    if clean_counts is not None:
+        lines += ["", "## Images per class in the clean table", "",
+                  "| " + " | ".join(classes) + " | total |", "| --- " * (len(classes) + 1) + "|",
+                  "| " + " | ".join(str(clean_counts[c]) for c in classes) + f" | {sum(clean_counts.values())} |"]
     return "\n".join(lines) + "\n"
 
 

@@ -1,8 +1,9 @@
 """Split stage: assign every crop to train / val / test.
 
-Stratified by label so every split sees the class mix of the whole, and grouped by source
-image (source_sha256) so crops of one smear field, and exact duplicate files, never sit on
-both sides of the train/test line: that would leak and inflate the test score.
+Stratified by label so every split sees the class mix of the whole, and grouped so that
+crops of one smear field (source_sha256), exact duplicate files and near-duplicate images
+(validate_labels' group_id in clean.parquet, joined on source_id) never sit on both sides
+of the train/test line: that would leak and inflate the test score.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from hemaflow.config import SplitParams
 from hemaflow.errors import StageInputError, require_columns, require_file
@@ -27,6 +30,7 @@ class SplitResult:
     counts: dict[str, dict[str, int]]   # split -> label -> crops
     sources: dict[str, int]             # split -> source images
     class_gap: dict[str, float]         # split -> max over classes |share in split - share overall|
+    groups: dict[str, int] | None = None  # split -> leakage groups (sources joined by near-duplicate group)
 
     @property
     def n_crops(self) -> int:
@@ -38,6 +42,7 @@ class SplitResult:
         return {
             "n_crops": total,
             "n_sources": sum(self.sources.values()),
+            "n_groups": sum((self.groups or self.sources).values()),
             "splits": {
                 s: {
                     "crops": sum(self.counts[s].values()),
@@ -51,12 +56,18 @@ class SplitResult:
         }
 
 
-def split_crops(crops_path: Path, split_path: Path, cfg: SplitParams, seed: int) -> SplitResult:
-    """Read the crops table, add a `split` column, write it to split_path."""
+def split_crops(crops_path: Path, split_path: Path, cfg: SplitParams, seed: int,
+                clean_path: Path | None = None) -> SplitResult:
+    """Read the crops table, add a `split` column, write it to split_path.
+
+    With clean_path, crops are joined to clean.parquet by source_id and near-duplicate
+    groups (group_id) are kept together too; without it, grouping is by source_sha256 only.
+    """
     crops = read_crops(crops_path)
     fractions = split_fractions(cfg)
     labels = sorted(crops["label"].unique())
-    groups, group_of_row = np.unique(crops["source_sha256"].to_numpy(dtype=str), return_inverse=True)
+    group_ids = read_group_ids(clean_path, crops, crops_path) if clean_path is not None else None
+    groups, group_of_row = leakage_groups(crops["source_sha256"].to_numpy(dtype=str), group_ids)
     label_idx = pd.Categorical(crops["label"], categories=labels).codes
     group_counts = np.zeros((len(groups), len(labels)), dtype=np.int64)
     np.add.at(group_counts, (group_of_row, label_idx), 1)
@@ -67,7 +78,43 @@ def split_crops(crops_path: Path, split_path: Path, cfg: SplitParams, seed: int)
     split_path = Path(split_path)
     split_path.parent.mkdir(parents=True, exist_ok=True)
     out.to_parquet(split_path, index=False)
-    return summarize_split(out, split_path, labels)
+    result = summarize_split(out, split_path, labels)
+    per_split = pd.Series(group_split).value_counts()
+    return SplitResult(result.split_path, result.counts, result.sources, result.class_gap,
+                       groups={s: int(per_split.get(k, 0)) for k, s in enumerate(SPLITS)})
+
+
+def read_group_ids(clean_path: Path, crops: pd.DataFrame, crops_path: Path) -> np.ndarray:
+    """group_id of each crop's source image, from clean.parquet (joined on source_id = image_id)."""
+    require_file(clean_path, "clean label table")
+    try:
+        clean = pd.read_parquet(clean_path, columns=["image_id", "group_id"])
+    except Exception as exc:  # a missing column or a corrupt file
+        raise StageInputError(clean_path, f"cannot read image_id, group_id: {exc}") from exc
+    groups = crops["source_id"].astype(str).map(clean.drop_duplicates("image_id").set_index("image_id")["group_id"])
+    missing = groups.isna()
+    if missing.any():
+        ids = ", ".join(map(str, crops.loc[missing, "source_id"].drop_duplicates().head(5)))
+        raise StageInputError(crops_path, f"{int(missing.sum())} crop(s) have a source_id not in {clean_path} "
+                                          f"(e.g. {ids}); re-run segment after validate_labels")
+    return groups.to_numpy(dtype=str)
+
+
+def leakage_groups(source_sha: np.ndarray, group_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(group keys, group index per row): rows sharing a source hash or a group_id, transitively.
+
+    Each group is keyed by its smallest source hash, so indices do not depend on row order.
+    """
+    if group_ids is None:
+        return np.unique(source_sha, return_inverse=True)
+    sha_keys, sha_code = np.unique(source_sha, return_inverse=True)
+    _, grp_code = np.unique(group_ids, return_inverse=True)
+    n_sha = len(sha_keys)
+    n_nodes = n_sha + int(grp_code.max()) + 1
+    graph = coo_matrix((np.ones(len(sha_code)), (sha_code, n_sha + grp_code)), shape=(n_nodes, n_nodes))
+    comp = connected_components(graph, directed=False)[1]
+    key_of_comp = pd.Series(sha_keys).groupby(comp[:n_sha]).min()   # sha_keys sorted: min = first
+    return np.unique(key_of_comp.loc[comp[sha_code]].to_numpy(dtype=str), return_inverse=True)
 
 
 def read_crops(crops_path: Path) -> pd.DataFrame:

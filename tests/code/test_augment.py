@@ -3,7 +3,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hemaflow.batches import run_serial
 from hemaflow.config import AugmentParams
+from hemaflow.contact_sheet import fit_tile
 from hemaflow.errors import StageInputError
 from hemaflow.schema import CROP_COLUMNS
 from tasks.augment import augment_dataset, augment_image, plan_augmentation
@@ -46,7 +48,10 @@ def test_balances_train_and_keeps_provenance(split_table, tmp_path):
     for r in aug.itertuples():
         assert src.loc[r.crop_id, "split"] == "train"          # every derivative comes from a train crop
         assert src.loc[r.crop_id, "source_sha256"] == r.source_sha256
+        assert src.loc[r.crop_id, "source_id"] == r.source_id
         assert (tmp_path / "aug" / r.path).is_file()
+    held_out = set(src[src["split"] != "train"]["source_id"])
+    assert not held_out & set(aug["source_id"])                # no val/test source leaks into training
 
 
 def test_deterministic_by_seed(split_table, tmp_path):
@@ -84,3 +89,37 @@ def test_missing_inputs_name_the_file(split_table, tmp_path):
     (crops / "images" / "img00_c0.png").unlink()
     with pytest.raises(StageInputError, match=r"img00_c0\.png: crop listed in split\.parquet is missing"):
         augment_dataset(split_path, crops, tmp_path / "aug", CFG, seed=0)
+
+
+def test_batching_does_not_change_outputs(split_table, tmp_path):
+    split_path, crops = split_table
+    seen = []
+
+    def recording_runner(fn, batches, progress=None):
+        seen.append([len(b) for b in batches])
+        return run_serial(fn, batches, progress)
+
+    one = augment_dataset(split_path, crops, tmp_path / "one", CFG, seed=5, batch_size=1000)
+    small = augment_dataset(split_path, crops, tmp_path / "small", CFG, seed=5, batch_size=4,
+                            run_batches=recording_runner)
+    assert seen == [[4, 2]]  # 6 jobs in batches of 4
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
+    assert files == sorted(p.relative_to(tmp_path / "small") for p in (tmp_path / "small").rglob("*.png"))
+    for f in files:  # images and the contact sheet, byte for byte
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "small" / f).read_bytes(), f
+    pd.testing.assert_frame_equal(pd.read_parquet(one.dataset_path), pd.read_parquet(small.dataset_path))
+
+
+def test_contact_sheet_shows_a_source_then_its_variants(split_table, tmp_path):
+    split_path, crops = split_table
+    res = augment_dataset(split_path, crops, tmp_path / "aug", CFG, seed=1)
+    sheet = cv2.imread(str(res.contact_sheet_path))
+    assert res.contact_sheet_path == tmp_path / "aug" / "contact_sheet.png"
+    # basophil sorts first; its crops each got 2 variants; ties go to the lower id: img04_c0
+    tile, top, pad = 140, 26 + 4, 4
+    cells = [sheet[top:top + tile, pad + c * (tile + pad):pad + c * (tile + pad) + tile] for c in range(3)]
+    names = ["img04_c0.png", "img04_c0_aug000.png", "img04_c0_aug001.png"]
+    for cell, name in zip(cells, names):
+        assert np.array_equal(cell, fit_tile(cv2.imread(str(tmp_path / "aug" / "images" / name)), tile)), name
+    # 2 classes x 2 train crops each = 4 rows of (source + 5 variant slots)
+    assert sheet.shape[:2] == (top + 4 * (tile + 18 + pad), pad + 6 * (tile + pad))

@@ -177,3 +177,112 @@ def test_missing_column_names_file_and_column(tmp_path: Path) -> None:
     with pytest.raises(StageInputError, match=r"dataset\.parquet: missing column\(s\) augmented"):
         check_quality(path, tmp_path / "quality", CFG, CLASSES)
     assert not (tmp_path / "quality").exists()
+
+
+# ---------------------------------------------------------------- the clean table and near-duplicate groups
+
+CLEAN_CFG = CFG.model_copy(update={"clean_min_per_class": 5, "clean_max_imbalance_ratio": 5.0})  # whole mix: 48 / 12
+
+
+def make_clean(df: pd.DataFrame, groups: dict[str, str] | None = None) -> pd.DataFrame:
+    """validate_labels-style clean table: one row per source image of the dataset."""
+    src = df.drop_duplicates("source_id")
+    n = len(src)
+    return pd.DataFrame({
+        "image_id": src["source_id"].to_numpy(), "path": [f"images/{s}.jpg" for s in src["source_id"]],
+        "sha256": src["source_sha256"].to_numpy(), "phash": [f"{k:016x}" for k in range(n)],
+        "width": 360, "height": 363, "channels": 3, "source": "class_folders", "label_raw": src["label"].to_numpy(),
+        "label_raw_2": None, "boxes": "[]", "split": None, "error": None, "label": src["label"].to_numpy(),
+        "group_id": [(groups or {}).get(s, s) for s in src["source_id"]],
+    })
+
+
+def run_with_clean(df: pd.DataFrame, clean: pd.DataFrame, tmp_path: Path, cfg: CheckQualityParams = CLEAN_CFG):
+    clean_path = tmp_path / "clean.parquet"
+    clean.to_parquet(clean_path, index=False)
+    df.to_parquet(tmp_path / "dataset.parquet", index=False)
+    return check_quality(tmp_path / "dataset.parquet", tmp_path / "quality", cfg, CLASSES, clean_path=clean_path)
+
+
+def gate_error_with_clean(df, clean, tmp_path, cfg: CheckQualityParams = CLEAN_CFG) -> QualityGateError:
+    with pytest.raises(QualityGateError) as info:
+        run_with_clean(df, clean, tmp_path, cfg)
+    return info.value
+
+
+def test_sound_clean_table_passes_and_is_reported(tmp_path: Path) -> None:
+    df = make_dataset()
+    result = run_with_clean(df, make_clean(df), tmp_path)
+    assert result.success
+    assert {"clean_schema", "clean_completeness", "clean_taxonomy", "clean_class_minimum", "clean_class_imbalance",
+            "lineage"} <= {c.suite for c in result.checks}
+    assert any(c.suite == "leakage" and c.scope == "per group_id" and c.passed for c in result.checks)
+    assert result.clean_counts == {c: sum(ORIGINALS[s][i] for s in ORIGINALS) for i, c in enumerate(CLASSES)}
+    saved = strict_json(tmp_path / "quality" / "result.json")
+    assert saved["summary"]["clean_counts"] == result.clean_counts
+    assert saved["validation_results"]["clean_class_minimum"]["success"] is True
+    assert "| 48 | 34 | 18 | 14 | 12 | 126 |" in result.markdown
+
+
+def test_clean_class_short_and_imbalance_name_class_and_amount(tmp_path: Path) -> None:
+    df = make_dataset()
+    clean = make_clean(df)
+    basophils = clean.index[clean["label"] == "basophil"]
+    clean = clean.drop(basophils[:10])  # 2 basophil images left
+    err = gate_error_with_clean(df, clean, tmp_path)
+    assert "clean: basophil has 2 < 5 images (3 short, clean_min_per_class)" in err.failures
+    assert "clean: imbalance 24.00 > 5 (neutrophil 48 / basophil 2)" in err.failures
+    assert str(err.report_path) in str(err)
+    report = (tmp_path / "quality" / "report.md").read_text()
+    assert report.startswith("# Data-quality gate: FAILED") and "clean: basophil has 2 < 5 images" in report
+    saved = strict_json(tmp_path / "quality" / "result.json")
+    assert saved["validation_results"]["clean_class_minimum"]["success"] is False
+    assert saved["validation_results"]["clean_class_imbalance"]["success"] is False
+
+
+def test_clean_duplicates_nulls_errors_and_unknown_labels_are_named(tmp_path: Path) -> None:
+    df = make_dataset()
+    clean = make_clean(df)
+    clean.loc[1, "sha256"] = clean.loc[0, "sha256"]
+    clean.loc[2, "group_id"] = None
+    clean.loc[3, "error"] = "truncated_jpeg: cut short"
+    clean.loc[4, "label"] = "platelet"
+    failures = gate_error_with_clean(df, clean, tmp_path).failures
+    text = "\n".join(failures)
+    assert f"clean: 2 row(s) share a sha256 (identical content twice): {clean.loc[0, 'image_id']}" in text
+    assert f"clean: null: 1 row(s) have no group_id: row 2 ({clean.loc[2, 'image_id']})" in failures
+    assert f"clean: 1 row(s) carry an ingest error: {clean.loc[3, 'image_id']} (truncated_jpeg: cut short)" in failures
+    assert "clean: label: 1 row(s) outside the taxonomy" in text and "'platelet' x1" in text
+
+
+def test_near_duplicate_group_across_splits_is_leakage(tmp_path: Path) -> None:
+    df = make_dataset()
+    train_src = df[(df["split"] == "train") & ~df["augmented"]].iloc[0]["source_id"]
+    test_src = df[(df["split"] == "test") & (df["label"] == "neutrophil")].iloc[0]["source_id"]
+    clean = make_clean(df, groups={train_src: train_src, test_src: train_src})
+    err = gate_error_with_clean(df, clean, tmp_path)
+    assert err.failures == [f"leakage: 1 source image(s) in more than one split (by group_id): group {train_src} (test+train)"]
+    # the same dataset passes without the group: the gate caught the group, nothing else
+    (tmp_path / "ungrouped").mkdir()
+    assert run_with_clean(df, make_clean(df), tmp_path / "ungrouped").success
+
+
+def test_dataset_row_without_clean_source_is_named(tmp_path: Path) -> None:
+    df = make_dataset()
+    clean = make_clean(df)
+    gone = clean.loc[0, "image_id"]
+    err = gate_error_with_clean(df, clean.drop(index=0), tmp_path)
+    n_rows = int((df["source_id"] == gone).sum())
+    assert f"lineage: {n_rows} row(s) have a source_id not in the clean table: {gone}" in err.failures
+
+
+def test_clean_thresholds_default_to_the_split_thresholds(tmp_path: Path) -> None:
+    df = make_dataset()
+    err = gate_error_with_clean(df, make_clean(df), tmp_path, CFG)  # clean_* unset: ratio 48 / 12 vs 3
+    assert err.failures == ["clean: imbalance 4.00 > 3 (neutrophil 48 / basophil 12)"]
+
+
+def test_missing_clean_table_names_it(tmp_path: Path) -> None:
+    make_dataset().to_parquet(tmp_path / "dataset.parquet")
+    with pytest.raises(StageInputError, match=r"labels/clean\.parquet: clean label table not found"):
+        check_quality(tmp_path / "dataset.parquet", tmp_path / "q", CFG, CLASSES, clean_path=tmp_path / "labels" / "clean.parquet")

@@ -102,3 +102,109 @@ def test_describe_image_empty_file(tmp_path):
     p = tmp_path / "e.jpg"
     p.write_bytes(b"")
     assert describe_image(p)["error"].startswith("empty_file")
+
+
+# --- new columns, faults and reader selection -------------------------------------------------
+
+def _read(out):
+    return pd.read_parquet(out).set_index("image_id")
+
+
+def test_phash_and_second_label_columns(raw, tmp_path):
+    import imagehash
+    from PIL import Image
+
+    (raw / "labels.csv").write_text("Image,Category,Category2\n0,NEUTROPHIL,LYMPHOCYTE\n1,monocyte,\n")
+    ingest(raw, tmp_path / "m.parquet", CFG)
+    df = _read(tmp_path / "m.parquet")
+    gray = cv2.imread(str(raw / "fields" / "SmearField_00000.jpg"), cv2.IMREAD_GRAYSCALE)
+    assert df.loc["SmearField_00000"].phash == str(imagehash.phash(Image.fromarray(gray)))
+    assert df["phash"].str.fullmatch(r"[0-9a-f]{16}").sum() == 4
+    assert (df.loc["SmearField_00000"].label_raw, df.loc["SmearField_00000"].label_raw_2) == ("NEUTROPHIL",
+                                                                                              "LYMPHOCYTE")
+    assert df.loc["SmearField_00001"].label_raw_2 == ""
+    assert pd.isna(df.loc["SmearField_00002"].label_raw_2)  # image without a label row
+
+
+def test_phash_of_large_image_is_close_to_plain_imagehash(tmp_path):
+    import imagehash
+    from PIL import Image
+
+    from hemaflow.imageio import phash_hex
+    rng = np.random.default_rng(3)
+    gray = cv2.GaussianBlur(rng.integers(0, 255, (363, 360), dtype=np.uint8), (0, 0), 8)
+    exact = imagehash.phash(Image.fromarray(gray))
+    assert exact - imagehash.hex_to_hash(phash_hex(gray)) <= 2
+
+
+def test_empty_and_non_image_files_in_class_folders(tmp_path):
+    for i in range(3):
+        _field(tmp_path / "images" / "monocyte" / f"MO_{i}.jpg", seed=i)
+    (tmp_path / "images" / "monocyte" / "MO_9.jpg").write_bytes(b"")
+    (tmp_path / "images" / "monocyte" / "notes.txt").write_text("not an image")
+    (tmp_path / "images" / "monocyte" / ".DS_1.jpg").write_bytes(b"\x00\x00\x00\x01Bud1" + b"\x00" * 64)
+    res = ingest(tmp_path, tmp_path / "m.parquet", CFG)
+    df = _read(tmp_path / "m.parquet")
+    assert df.loc["monocyte/MO_9"].error.startswith("empty_file:")
+    assert df.loc["monocyte/notes"].error.startswith("not_an_image:")
+    assert df.loc["monocyte/.DS_1"].error.startswith("unreadable_image:")  # hidden files are not skipped
+    assert df.loc["monocyte/MO_0"].error is None or pd.isna(df.loc["monocyte/MO_0"].error)
+    assert res.errors == {"empty_file": 1, "not_an_image": 1, "unreadable_image": 1}
+    assert pd.isna(df.loc["monocyte/MO_9"].phash) and len(df.loc["monocyte/notes"].sha256) == 64
+
+
+def test_image_far_from_the_usual_size_is_flagged(tmp_path):
+    for i in range(4):
+        _field(tmp_path / "images" / "basophil" / f"BA_{i}.jpg", seed=i, size=(40, 42))
+    _field(tmp_path / "images" / "basophil" / "BA_big.jpg", size=(400, 420))
+    _field(tmp_path / "images" / "basophil" / "BA_near.jpg", size=(44, 46))
+    ingest(tmp_path, tmp_path / "m.parquet", CFG)
+    df = _read(tmp_path / "m.parquet")
+    assert df.loc["basophil/BA_big"].error.startswith("size_out_of_range: 420x400")
+    assert df["error"].notna().sum() == 1  # a slightly different size is normal
+    assert df.loc["basophil/BA_big"].width == 420  # the facts are kept
+
+    cfg = IngestParams(size_tolerance=None, expected_width=(43, 50))
+    ingest(tmp_path, tmp_path / "m2.parquet", cfg)
+    df = _read(tmp_path / "m2.parquet")
+    assert sorted(df.index[df["error"].fillna("").str.startswith("size_out_of_range")]) == [
+        f"basophil/BA_{i}" for i in range(4)] + ["basophil/BA_big"]
+
+
+def test_symlink_leaving_the_data_folder_is_flagged_not_read(tmp_path):
+    raw = tmp_path / "raw"
+    _field(raw / "images" / "monocyte" / "MO_0.jpg")
+    _field(tmp_path / "outside" / "secret.jpg")
+    (raw / "images" / "monocyte" / "MO_1.jpg").symlink_to(tmp_path / "outside" / "secret.jpg")
+    _field(raw / "elsewhere" / "inside.jpg")
+    (raw / "images" / "monocyte" / "MO_2.jpg").symlink_to(raw / "elsewhere" / "inside.jpg")  # stays inside: fine
+    ingest(raw, tmp_path / "m.parquet", CFG)
+    df = _read(tmp_path / "m.parquet")
+    row = df.loc["monocyte/MO_1"]
+    assert row.error.startswith("path_outside_data_folder:") and pd.isna(row.sha256) and pd.isna(row.width)
+    assert pd.isna(df.loc["monocyte/MO_2"].error) and df.loc["monocyte/MO_2"].width == 64
+
+
+def test_annotation_without_image_is_a_label_without_image(raw, tmp_path):
+    _voc(raw / "annotations" / "SmearField_00042.xml", [(1, 2, 30, 40)])
+    ingest(raw, tmp_path / "m.parquet", CFG)
+    row = _read(tmp_path / "m.parquet").loc["SmearField_00042"]
+    assert row.error.startswith("label_without_image: annotation annotations/SmearField_00042.xml")
+    assert pd.isna(row.path) and json.loads(row.boxes) == [[1, 2, 30, 40]]
+
+
+def test_reader_can_be_chosen_and_progress_is_reported(raw, tmp_path):
+    for cls in ("basophil", "monocyte"):
+        _field(raw / "images" / cls / "X_0.jpg")
+    calls = []
+    res = ingest(raw, tmp_path / "m.parquet", CFG, progress=lambda done, total: calls.append((done, total)))
+    assert res.reader == "voc_fields" and calls[0] == (0, 4) and calls[-1] == (4, 4)  # auto: fields first
+    res = ingest(raw, tmp_path / "m.parquet", IngestParams(reader="class_folders"))
+    assert res.reader == "class_folders" and set(_read(tmp_path / "m.parquet")["label_raw"]) == {"basophil",
+                                                                                                 "monocyte"}
+
+
+def test_nothing_to_ingest_names_the_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StageInputError, match=r"empty: no images found"):
+        ingest(tmp_path / "empty", tmp_path / "m.parquet", CFG)

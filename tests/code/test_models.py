@@ -72,3 +72,18 @@ def test_saved_model_reloads_without_custom_objects(tmp_path):
     loaded = keras.models.load_model(path)
     x = raw_batch(4, 32)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # about 6 s each: one real (tiny) training run
+@pytest.mark.parametrize("online", [True, False])
+def test_train_param_online_augmentation_reaches_the_saved_model(tmp_path, online):
+    """params.yaml train.online_augmentation -> train_model -> the saved model.keras."""
+    from hemaflow.config import TrainParams
+    from tasks.train import train_model
+    from tests.code.synthetic_wbc import CLASSES, write_dataset
+
+    write_dataset(tmp_path / "data", {"train": 2, "val": 1}, size=32)
+    cfg = TrainParams(image_size=32, epochs=1, batch_size=8, devices="cpu", online_augmentation=online)
+    train_model(tmp_path / "data", tmp_path / "model", cfg, CLASSES, seed=0)
+    saved = keras.models.load_model(tmp_path / "model" / "model.keras")
+    assert ("online_augmentation" in [l.name for l in saved.layers]) is online

@@ -135,3 +135,74 @@ def test_fractions_leaving_no_train_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="nothing for train"):
         split_crops(write(make_crops(10), tmp_path), tmp_path / "split.parquet",
                     SplitParams(test_size=0.5, val_size=0.5), seed=0)
+
+
+# ---------------------------------------------------------------- near-duplicate groups from clean.parquet
+
+def write_clean(crops: pd.DataFrame, tmp_path: Path, groups: dict[str, str] | None = None) -> Path:
+    """clean.parquet naming every source of the crops; `groups` maps source_id -> group_id (default: itself)."""
+    ids = crops["source_id"].drop_duplicates()
+    clean = pd.DataFrame({"image_id": ids, "label": "x", "group_id": [(groups or {}).get(i, i) for i in ids]})
+    path = tmp_path / "clean.parquet"
+    clean.to_parquet(path, index=False)
+    return path
+
+
+def near_dup_groups(crops: pd.DataFrame, n_groups: int, size: int, seed: int) -> dict[str, str]:
+    """Tie `n_groups` random sets of `size` sources together, as validate_labels would for near-duplicates."""
+    ids = crops["source_id"].drop_duplicates().sample(n_groups * size, random_state=seed).tolist()
+    return {i: ids[(k // size) * size] for k, i in enumerate(ids)}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_near_duplicate_groups_stay_in_one_split(tmp_path: Path, seed: int) -> None:
+    crops = make_crops(300, seed=seed)
+    groups = near_dup_groups(crops, n_groups=25, size=4, seed=seed)
+    out_path = tmp_path / "split.parquet"
+    result = split_crops(write(crops, tmp_path), out_path, SplitParams(), seed=seed,
+                         clean_path=write_clean(crops, tmp_path, groups))
+    out = pd.read_parquet(out_path)
+    out["group_id"] = out["source_id"].map(lambda s: groups.get(s, s))
+    assert (out.groupby("group_id")["split"].nunique() == 1).all()
+    assert result.summary()["n_groups"] == out["group_id"].nunique() == 300 - 25 * 3
+    # without the clean table the same groups would be cut across splits: the test can tell
+    plain = split_crops(write(crops, tmp_path), tmp_path / "plain.parquet", SplitParams(), seed=seed)
+    cut = pd.read_parquet(plain.split_path).assign(group_id=lambda d: d["source_id"].map(lambda s: groups.get(s, s)))
+    assert (cut.groupby("group_id")["split"].nunique() > 1).any()
+
+
+def test_group_and_hash_links_are_transitive_and_deterministic(tmp_path: Path) -> None:
+    crops = make_crops(150, seed=4)
+    # F0001 and F0002 are near-duplicates; F0002 also shares its bytes with F0003 (copied file)
+    crops.loc[crops["source_id"] == "F0003", "source_sha256"] = "sha0002"
+    groups = {"F0002": "F0001", "F0001": "F0001"}
+    clean_path = write_clean(crops, tmp_path, groups)
+
+    def run(df: pd.DataFrame, name: str) -> pd.Series:
+        (tmp_path / name).mkdir()
+        out = tmp_path / name / "split.parquet"
+        split_crops(write(df, tmp_path / name), out, SplitParams(), 42, clean_path=clean_path)
+        return pd.read_parquet(out).set_index("crop_id")["split"].sort_index()
+
+    first = run(crops, "a")
+    linked = first[crops.set_index("crop_id").loc[first.index, "source_id"].isin(["F0001", "F0002", "F0003"])]
+    assert linked.nunique() == 1
+    pd.testing.assert_series_equal(first, run(crops.sample(frac=1, random_state=1), "b"))
+
+
+def test_crop_whose_source_is_not_in_clean_is_refused(tmp_path: Path) -> None:
+    crops = make_crops(20)
+    clean_path = write_clean(crops[crops["source_id"] != "F0003"], tmp_path)
+    with pytest.raises(StageInputError, match=r"crops\.parquet: \d+ crop\(s\) have a source_id not in .*clean\.parquet \(e\.g\. F0003\)"):
+        split_crops(write(crops, tmp_path), tmp_path / "split.parquet", SplitParams(), seed=0, clean_path=clean_path)
+
+
+def test_clean_table_without_group_id_is_refused(tmp_path: Path) -> None:
+    crops = make_crops(20)
+    clean_path = tmp_path / "clean.parquet"
+    pd.DataFrame({"image_id": crops["source_id"].unique()}).to_parquet(clean_path)
+    with pytest.raises(StageInputError, match=r"clean\.parquet: cannot read image_id, group_id"):
+        split_crops(write(crops, tmp_path), tmp_path / "split.parquet", SplitParams(), seed=0, clean_path=clean_path)
+    with pytest.raises(StageInputError, match=r"nope\.parquet: clean label table not found"):
+        split_crops(write(crops, tmp_path), tmp_path / "split.parquet", SplitParams(), seed=0,
+                    clean_path=tmp_path / "nope.parquet")

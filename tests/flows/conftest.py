@@ -62,3 +62,42 @@ def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def read_artifacts(keys: list[str] | None = None) -> list[dict]:
+    """Artifacts on the current Prefect API, newest first, as JSON rows.
+
+    A raw request: this Prefect server refuses the null filters that
+    PrefectClient.read_artifacts() sends by default (HTTP 422).
+    """
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    body: dict = {"sort": "CREATED_DESC", "limit": 200}
+    if keys:
+        body["artifacts"] = {"key": {"any_": list(keys)}}
+
+    async def read():
+        async with get_client() as client:
+            res = await client._client.post("/artifacts/filter", json=body)
+            return res.json()
+
+    return asyncio.run(read())
+
+
+def task_run_names(prefix: str) -> list[str]:
+    """Names of the task runs whose name starts with prefix."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=prefix)),
+                                               sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200)
+            return [r.name for r in runs if r.name.startswith(prefix)]
+
+    return asyncio.run(read())

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from tests.flows.conftest import make_project, sh
+from tests.flows.conftest import make_project, read_artifacts, sh
 
 pytestmark = pytest.mark.slow
 
@@ -20,15 +20,7 @@ def project(tmp_path_factory):
 
 
 def _artifact_keys() -> set[str]:
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-
-    async def read():
-        async with get_client() as client:
-            return {a.key for a in await client.read_artifacts() if a.key}
-
-    return asyncio.run(read())
+    return {a["key"] for a in read_artifacts() if a.get("key")}
 
 
 def test_flow_runs_every_stage_then_skips_then_reruns_downstream(project, prefect_harness):

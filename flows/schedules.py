@@ -1,0 +1,100 @@
+"""Scheduled retraining: the training flow served on a cron and on a data-changed event.
+
+`hemaflow serve` registers two deployments with a Prefect server and runs them:
+- `hemaflow-training/retrain`: cron from params `schedule`, plus a trigger on the
+  `hemaflow.data.changed` event. A run with nothing changed costs seconds: every stage is
+  up to date in dvc.lock and skipped.
+- `hemaflow-data-watch/watch-data`: every `schedule.watch_interval_s`, compares the raw
+  data version in data.dvc with the one the last ingest ran on (dvc.lock) and emits the
+  event when they differ, so new data (`dvc add data/raw` or a `git pull` that moved
+  data.dvc) starts a retraining without waiting for the cron.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger
+from prefect.events import emit_event
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+from prefect.schedules import Cron, Interval
+
+from flows.training import training_pipeline
+from hemaflow.config import Params, load_params
+
+DATA_CHANGED = "hemaflow.data.changed"
+
+
+def dataset_resource(root: Path) -> str:
+    return f"hemaflow.dataset.{root.resolve().name}"
+
+
+def _out_md5(dvc_file: Path, path: str) -> str | None:
+    """md5 that data.dvc records for `path` (the versioned raw data)."""
+    if not dvc_file.is_file():
+        return None
+    for out in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []):
+        if out.get("path") == path:
+            return out.get("md5")
+    return None
+
+
+def _trained_md5(lock_file: Path, path: str) -> str | None:
+    """md5 of `path` as the last ingest run saw it (dvc.lock), None if it never ran."""
+    if not lock_file.is_file():
+        return None
+    ingest = ((yaml.safe_load(lock_file.read_text()) or {}).get("stages") or {}).get("ingest") or {}
+    for dep in ingest.get("deps", []):
+        if dep.get("path") == path:
+            return dep.get("md5")
+    return None
+
+
+def data_change(root: Path, params: Params) -> dict:
+    """Compare the versioned raw data with what the pipeline last trained on."""
+    raw = params.paths.raw_dir.as_posix()
+    versioned = _out_md5(root / "data.dvc", raw)
+    trained = _trained_md5(root / "dvc.lock", raw)
+    return {"raw_dir": raw, "versioned_md5": versioned, "trained_md5": trained,
+            "changed": versioned is not None and versioned != trained}
+
+
+@flow(name="hemaflow-data-watch")
+def watch_data(params_path: str = "params.yaml") -> dict:
+    """Emit `hemaflow.data.changed` when data.dvc names raw data the pipeline has not run on."""
+    params_file = Path(params_path).resolve()
+    root = params_file.parent
+    status = data_change(root, load_params(params_file))
+    logger = get_run_logger()
+    if status["changed"]:
+        emit_event(event=DATA_CHANGED,
+                   resource={"prefect.resource.id": dataset_resource(root), "prefect.resource.name": root.name},
+                   payload=status)
+        logger.info("raw data changed (%s -> %s): retraining requested", status["trained_md5"], status["versioned_md5"])
+    else:
+        logger.info("raw data unchanged (%s)", status["versioned_md5"])
+    return status
+
+
+def retraining_deployments(params_file: Path) -> list:
+    """The two deployments `hemaflow serve` runs (see module docstring)."""
+    params_file = params_file.resolve()
+    root = params_file.parent
+    sched = load_params(params_file).schedule
+    args = {"params_path": str(params_file)}
+    retrain = training_pipeline.to_deployment(
+        name="retrain",
+        schedules=[Cron(sched.cron, timezone=sched.timezone)],
+        parameters=args,
+        concurrency_limit=1,  # a cron run and an event run never train at the same time
+        triggers=[DeploymentEventTrigger(name="retrain-on-new-data", expect={DATA_CHANGED},
+                                         match={"prefect.resource.id": dataset_resource(root)},
+                                         parameters=args)],
+        description="Retrain, evaluate and promote (stages up to date in dvc.lock are skipped).",
+        tags=["hemaflow"],
+    )
+    watch = watch_data.to_deployment(name="watch-data", schedules=[Interval(sched.watch_interval_s)], parameters=args,
+                                     description="Emit hemaflow.data.changed when data.dvc moves.",
+                                     tags=["hemaflow"])
+    return [retrain, watch]
