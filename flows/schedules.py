@@ -24,6 +24,7 @@ from flows.training import training_pipeline
 from hemaflow.config import Params, load_params
 
 DATA_CHANGED = "hemaflow.data.changed"
+RETRAIN_DEPLOYMENT = "retrain"
 
 
 def dataset_resource(root: Path) -> str:
@@ -60,6 +61,27 @@ def data_change(root: Path, params: Params) -> dict:
             "changed": versioned is not None and versioned != trained}
 
 
+def retraining_under_way() -> bool:
+    """A retrain run is due, pending or running: it will pick the new data up, do not ask again."""
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterName, FlowRunFilter,
+                                                FlowRunFilterExpectedStartTime, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    # due now (an event's run waits in Scheduled until `serve` picks it up), not the cron's future runs
+    active = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(
+            any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING])),
+        expected_start_time=FlowRunFilterExpectedStartTime(before_=datetime.now(timezone.utc)))
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=active, limit=1, deployment_filter=DeploymentFilter(
+            name=DeploymentFilterName(any_=[RETRAIN_DEPLOYMENT])))
+    return bool(runs)
+
+
 @flow(name="hemaflow-data-watch")
 def watch_data(params_path: str = "params.yaml") -> dict:
     """Emit `hemaflow.data.changed` when data.dvc names raw data the pipeline has not run on."""
@@ -67,7 +89,11 @@ def watch_data(params_path: str = "params.yaml") -> dict:
     root = params_file.parent
     status = data_change(root, load_params(params_file))
     logger = get_run_logger()
-    if status["changed"]:
+    if status["changed"] and retraining_under_way():
+        logger.info("raw data changed; a retraining is already under way and will take it")
+        status["requested"] = False
+    elif status["changed"]:
+        status["requested"] = True
         emit_event(event=DATA_CHANGED,
                    resource={"prefect.resource.id": dataset_resource(root), "prefect.resource.name": root.name},
                    payload=status)
@@ -84,7 +110,7 @@ def retraining_deployments(params_file: Path) -> list:
     sched = load_params(params_file).schedule
     args = {"params_path": str(params_file)}
     retrain = training_pipeline.to_deployment(
-        name="retrain",
+        name=RETRAIN_DEPLOYMENT,
         schedules=[Cron(sched.cron, timezone=sched.timezone)],
         parameters=args,
         concurrency_limit=1,  # a cron run and an event run never train at the same time

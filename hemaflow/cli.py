@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from hemaflow.config import ConfigError, load_params
+from hemaflow.config import ConfigError, Params, load_params
 from hemaflow.errors import StageInputError
 from hemaflow.stages import STAGES
 
@@ -105,6 +105,24 @@ def serve(params_path: Path) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     prefect_serve(*deployments)
+
+
+@app.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default="models/pulled", show_default=True,
+              help="Model folder (from `hemaflow pull`, or models/candidate).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default="reports/classify", show_default=True)
+@params_option
+@_fail_cleanly
+def classify(images: tuple[Path, ...], model_dir: Path, out_dir: Path, params_path: Path) -> None:
+    """Find and classify every white cell in smear images (files or folders); write a differential count."""
+    from hemaflow.progress import tqdm_progress
+    from tasks.classify import classify_smears
+
+    fallback = load_params(params_path) if params_path.is_file() else Params()
+    result = classify_smears(model_dir, list(images), out_dir, fallback, progress=tqdm_progress("classify"))
+    for k, v in result.summary().items():
+        click.echo(f"{k}: {v}")
 
 
 @app.command("data-status")

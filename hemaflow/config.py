@@ -93,7 +93,7 @@ class SegmentParams(_Frozen):
     min_area_frac: float = Field(0.002, gt=0)
     max_area_frac: float = Field(0.12, gt=0)
     # detection (tasks/segment.py): colour = real smears (BCCD, PBC); optical_density = the embedded synthetic fields
-    method: Literal["colour", "optical_density"] = "colour"
+    method: Literal["colour", "optical_density"] = "optical_density"  # as params.yaml: models promoted before `method` existed used it
     # colour method; chosen on the BCCD train list, see benchmarks/segment.py
     detect_downscale: int = Field(4, ge=1)               # detect on a copy this many times smaller
     nucleus_hue: tuple[int, int] = (105, 165)            # OpenCV hue (0-180) of nuclear stain: blue..purple
@@ -134,7 +134,7 @@ class ParallelParams(_Frozen):
     dask_address: str | None = None   # scheduler, e.g. tcp://host:8786; None: a local cluster per stage run
     n_workers: int = Field(2, ge=1)   # local cluster worker processes
     threads_per_worker: int = Field(1, ge=1)
-    batch_size: int = Field(8, ge=1)  # fields per segment task
+    batch_size: int = Field(16, ge=1)  # fields per segment task
     augment_batch_size: int = Field(128, ge=1)  # augmented images per augment task
 
 
