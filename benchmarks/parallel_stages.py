@@ -30,10 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def make_project(root: Path, raw: Path, **parallel) -> Path:
+def make_project(root: Path, raw: Path, batch_size: int | None = None, **parallel) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["paths"]["raw_dir"] = str(raw)
     params["parallel"].update(parallel)
+    if batch_size:
+        params["parallel"]["batch_size"] = batch_size
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root / "params.yaml"
@@ -65,6 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=None, help="generated dataset folder (default: generate 150 fields)")
     ap.add_argument("--repeats", type=int, default=1, help="rounds of (1 worker, 2 workers)")
+    ap.add_argument("--batch-size", type=int, default=None, help="fields per task (default: params.yaml)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="hemaflow-bench-"))
@@ -88,7 +91,7 @@ def main() -> None:
         n_fields = len(pd.read_parquet(base.parent / "data/labels/clean.parquet"))
 
         def project(name: str, **parallel) -> Path:
-            params = make_project(tmp / name, raw.resolve(), **parallel)
+            params = make_project(tmp / name, raw.resolve(), args.batch_size, **parallel)
             shutil.rmtree(params.parent / "data", ignore_errors=True)
             shutil.copytree(base.parent / "data", params.parent / "data")
             return params

@@ -7,6 +7,7 @@ re-runs only the stages downstream of it, whichever driver is used.
 
 from __future__ import annotations
 
+from contextlib import chdir
 from pathlib import Path
 
 
@@ -18,7 +19,8 @@ def is_up_to_date(root: Path, stage: str) -> bool:
     """True when the stage's deps, params and outs match dvc.lock and the outs are on disk."""
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    # DVC resolves stage names (and its run cache) against the working directory, not the repo
+    with chdir(root), Repo(str(root)) as repo:
         return not repo.status(targets=[stage])
 
 
@@ -26,5 +28,5 @@ def record_run(root: Path, stage: str) -> None:
     """Write the stage's hashes to dvc.lock and put its outputs in the DVC cache."""
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    with chdir(root), Repo(str(root)) as repo:
         repo.commit(stage, force=True)

@@ -70,6 +70,7 @@ def retraining_under_way() -> bool:
                                                 FlowRunFilterExpectedStartTime, FlowRunFilterState,
                                                 FlowRunFilterStateType)
     from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
 
     # due now (an event's run waits in Scheduled until `serve` picks it up), not the cron's future runs
     active = FlowRunFilter(
@@ -77,7 +78,7 @@ def retraining_under_way() -> bool:
             any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING])),
         expected_start_time=FlowRunFilterExpectedStartTime(before_=datetime.now(timezone.utc)))
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=active, limit=1, deployment_filter=DeploymentFilter(
+        runs = client.read_flow_runs(flow_run_filter=active, limit=1, sort=FlowRunSort.ID_DESC, deployment_filter=DeploymentFilter(
             name=DeploymentFilterName(any_=[RETRAIN_DEPLOYMENT])))
     return bool(runs)
 

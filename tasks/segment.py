@@ -36,6 +36,7 @@ from scipy import ndimage as ndi
 from hemaflow.batches import BatchRunner, run_serial, split_batches
 from hemaflow.config import SegmentParams
 from hemaflow.errors import StageInputError, require_columns, require_file
+from hemaflow.imageio import read_image
 from hemaflow.progress import Progress, track
 from hemaflow.review import ReviewItem, write_review
 from hemaflow.schema import CLEAN_COLUMNS, CROP_COLUMNS
@@ -76,10 +77,14 @@ class SegmentResult:
     flagged: dict[str, int] = field(default_factory=lambda: {r: 0 for r in REASONS})
     crops_path: Path | None = None
     review_path: Path | None = None
+    box_eval: dict | None = None  # crops vs annotated boxes, when the source has boxes
 
     def summary(self) -> dict:
-        return {"images": self.images, "crops": self.crops, "flagged": dict(self.flagged),
-                "flagged_total": sum(self.flagged.values())}
+        out = {"images": self.images, "crops": self.crops, "flagged": dict(self.flagged),
+               "flagged_total": sum(self.flagged.values())}
+        if self.box_eval and self.box_eval.get("truth_boxes"):
+            out.update({f"boxes {k}": round(self.box_eval[k], 4) for k in ("recall", "precision", "mean_iou")})
+        return out
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -402,7 +407,7 @@ def segment_rows(rows: pd.DataFrame, raw_dir: Path, crops_dir: Path, cfg: Segmen
         if not isinstance(rel, str) or not rel:
             review.append(_review(image_id, "", "unreadable_image", "row has no image path"))
             continue
-        image = cv2.imread(str(raw_dir / rel), cv2.IMREAD_COLOR)
+        image = read_image(raw_dir, rel)
         if image is None:
             review.append(_review(image_id, rel, "unreadable_image", f"OpenCV cannot decode {raw_dir / rel}"))
             continue
@@ -467,7 +472,7 @@ def finish_segment(n_images: int, parts: list[tuple[list[dict], list[ReviewItem]
 
 
 def segment_images(clean_path: Path, raw_dir: Path, crops_dir: Path, cfg: SegmentParams,
-                   progress: Progress | None = None, batch_size: int = 8,
+                   progress: Progress | None = None, batch_size: int = 16,
                    run_batches: BatchRunner | None = None) -> SegmentResult:
     """Stage driver: clean.parquet -> crops_dir/{images/*.png, crops.parquet, review.csv}.
 
@@ -477,4 +482,8 @@ def segment_images(clean_path: Path, raw_dir: Path, crops_dir: Path, cfg: Segmen
     df = plan_segment(clean_path, crops_dir)
     batch_fn = functools.partial(segment_rows, raw_dir=Path(raw_dir), crops_dir=Path(crops_dir), cfg=cfg)
     parts = (run_batches or run_serial)(batch_fn, split_batches(df, batch_size), progress)
-    return finish_segment(len(df), parts, crops_dir)
+    result = finish_segment(len(df), parts, crops_dir)
+    if df["boxes"].map(lambda b: isinstance(b, str) and b not in ("", "[]")).any():
+        from tasks.segment_eval import evaluate_segmentation  # box_eval.json + fields_contact_sheet.png
+        result.box_eval = evaluate_segmentation(clean_path, result.crops_path, raw_dir, crops_dir)
+    return result

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from tests.flows.conftest import make_project, read_artifacts, sh
+from tests.flows.conftest import make_project, read_artifacts, sh, task_run_names
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +26,11 @@ def _artifact_keys() -> set[str]:
 def test_flow_runs_every_stage_then_skips_then_reruns_downstream(project, prefect_harness):
     from flows.training import training_pipeline
 
+    batches_before = {s: len(task_run_names(f"{s}-batch-")) for s in ("segment", "augment")}
     first = training_pipeline(params_path=str(project / "params.yaml"))
     assert first["ran"] == ALL and first["skipped"] == []
+    for stage, n in batches_before.items():  # segment and augment ran as batches on Dask
+        assert len(task_run_names(f"{stage}-batch-")) > n, stage
     metrics = json.loads((project / "reports/eval/metrics.json").read_text())
     assert 0.0 <= metrics["balanced_accuracy"] <= 1.0 and "per_class" in metrics
     assert metrics["accuracy"] > 0.4, metrics  # 5 classes: chance is 0.2
@@ -36,7 +39,8 @@ def test_flow_runs_every_stage_then_skips_then_reruns_downstream(project, prefec
     png = (project / "reports/eval/confusion_matrix.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     keys = _artifact_keys()
-    assert {"ingest-summary", "segment-progress", "train-progress", "check-quality-report", "evaluate-summary"} <= keys
+    assert {"ingest-summary", "segment-progress", "augment-progress", "train-progress", "check-quality-report",
+            "evaluate-summary"} <= keys
 
     # nothing changed: no stage work, and DVC agrees (the flow wrote dvc.lock)
     second = training_pipeline(params_path=str(project / "params.yaml"))
@@ -54,7 +58,7 @@ def test_flow_runs_every_stage_then_skips_then_reruns_downstream(project, prefec
 
 
 def test_dvc_repro_twice_second_is_up_to_date(tmp_path):
-    project = make_project(tmp_path, n_fields=30)
+    project = make_project(tmp_path, n_fields=40)  # fewer can leave a split without a basophil
     first = sh("dvc", "repro", cwd=project)
     assert "Running stage 'train'" in first.stdout
     assert json.loads((project / "reports/promotion.json").read_text())["version"] == 1
