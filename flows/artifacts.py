@@ -22,6 +22,28 @@ def publish_summary(stage: str, summary: dict, markdown: str | None = None) -> N
         create_markdown_artifact(markdown=markdown, key=artifact_key(stage, "report"), description=f"{stage} report")
 
 
+def stage_progress(stage: str, step_pct: float = 10.0) -> Progress:
+    """The flow's progress callback: the Prefect progress artifact, and a log line every 10%.
+
+    The log lines are the terminal's progress display for `hemaflow run` (Prefect owns the
+    console there; the stage commands draw a tqdm bar instead).
+    """
+    from prefect import get_run_logger
+
+    artifact = progress_artifact(stage)
+    logger = get_run_logger()
+    state = {"next": 0.0}
+
+    def update(done: int, total: int) -> None:
+        artifact(done, total)
+        pct = 100.0 * done / total if total else 100.0
+        if done and (pct >= state["next"] or done >= total):
+            logger.info("%s progress: %d/%d (%.0f%%)", stage, done, total, pct)
+            state["next"] = (pct // step_pct + 1) * step_pct
+
+    return update
+
+
 def progress_artifact(stage: str, min_interval_s: float = 1.0) -> Progress:
     """A Progress callback that drives a Prefect progress artifact, throttled to one update a second."""
     state: dict = {"id": None, "last": 0.0}

@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import dvc_state
-from flows.artifacts import progress_artifact, publish_summary
+from flows.artifacts import publish_summary, stage_progress
 from flows.parallel import dask_task_runner, is_transient, prefect_batch_runner, workers_share_prefect_api
 from hemaflow.config import load_params
 from hemaflow.stages import BATCHED_STAGES, STAGES, run_stage, stage_paths
@@ -37,7 +37,7 @@ def _run_or_skip(name: str, params_path: str, force: bool, use_dvc: bool, batche
         logger.info("%s: up to date in dvc.lock, skipped", name)
         publish_summary(name, {"status": "up to date (dvc.lock): skipped"})
         return {"stage": name, "ran": False}
-    result = run_stage(name, load_params(params_file), root, progress=progress_artifact(name),
+    result = run_stage(name, load_params(params_file), root, progress=stage_progress(name),
                        batch_runner=prefect_batch_runner(name) if batched else None)
     if use_dvc:
         dvc_state.record_run(root, name)

@@ -8,8 +8,14 @@ params.yaml.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+
+# Offline by default: Prefect's temporary server must not try to send telemetry (it fails
+# here and can lock its database); TensorFlow's C++ notices are noise for a CLI user.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import click
 
