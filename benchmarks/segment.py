@@ -44,7 +44,7 @@ def segment_files(paths: list[str], cfg: SegmentParams | None = None, single_thr
     """Read, detect, crop every file; (images read, crops made). The unit of work timed everywhere."""
     if single_thread:
         cv2.setNumThreads(1)
-    cfg = cfg or SegmentParams()
+    cfg = cfg or SegmentParams(method="colour")
     n_img = n_crop = 0
     for p in paths:
         img = cv2.imread(p, cv2.IMREAD_COLOR)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (bccd / "BCCD").is_dir() or not pbc.is_dir():
         print(f"{args.data}: needs bccd/BCCD and pbc/", file=sys.stderr)
         return 2
-    cfg = SegmentParams()
+    cfg = SegmentParams(method="colour")
     acc = bccd_accuracy(bccd, cfg)
     bccd_paths = sorted(str(p) for p in (bccd / "BCCD" / "JPEGImages").glob("*.jpg"))
     pbc_all = sorted(str(p) for p in (pbc / "images").glob("*/*.jpg"))

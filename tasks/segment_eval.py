@@ -138,7 +138,7 @@ def evaluate_segmentation(clean_path: Path, crops_path: Path, raw_dir: Path, out
     for r in crops.itertuples(index=False):
         pred.setdefault(str(r.source_id), []).append([float(r.x0), float(r.y0), float(r.x1), float(r.y1)])
     scores = score_boxes(pred, truth, threshold, sizes)
-    result = {"source": {"clean": str(clean_path), "crops": str(crops_path)}, **scores}
+    result = {"source": {"clean": clean_path.name, "crops": crops_path.name}, **scores}  # names: outputs must not depend on where the project lives
 
     out_dir.mkdir(parents=True, exist_ok=True)
     worst = sorted(scores["per_image"], key=_badness)[:max_fields]

@@ -23,7 +23,7 @@ from tasks.segment_eval import evaluate_segmentation, score_boxes
 # selects it for them); the colour method (the default, for real smears) is tested further down
 CFG = SegmentParams(method="optical_density", box_pad_x=0, box_pad_y=0)
 # colour method at the synthetic fields' scale: their nuclei are ~4x smaller than BCCD's
-COLOUR = SegmentParams(min_nucleus_frac=0.002)
+COLOUR = SegmentParams(method="colour", min_nucleus_frac=0.002)
 
 
 def _jpeg(img: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from tasks.segment import find_white_cells
 from tasks.segment_eval import field_contact_sheet, score_boxes
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
-CFG = SegmentParams()  # the colour method with its BCCD-fitted defaults
+CFG = SegmentParams(method="colour")  # the real-stain detector with its BCCD-fitted defaults
 PBC_PER_CLASS = 60
 KNOWN_MISLABELLED = {"BloodImage_00133", "BloodImage_00135"}  # a white cell annotated as Platelets
 
