@@ -363,6 +363,20 @@ def find_white_cells(image_bgr: np.ndarray, cfg: SegmentParams) -> list[Detectio
     return sorted(dets, key=lambda d: (d.box[1], d.box[0]))
 
 
+def _shrink(square: np.ndarray, size: int) -> np.ndarray:
+    """Resize a square image to size x size, anti-aliased but cheap.
+
+    INTER_AREA at a non-integer ratio costs ~10x INTER_LINEAR; an integer-ratio INTER_AREA
+    step (OpenCV's fast path, trimming at most k-1 edge pixels) then INTER_LINEAR for the
+    rest keeps the averaging where it matters for a fraction of the time.
+    """
+    k = square.shape[0] // size
+    if k >= 2:
+        n = square.shape[0] // k
+        square = cv2.resize(square[: n * k, : n * k], (n, n), interpolation=cv2.INTER_AREA)
+    return cv2.resize(square, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
 def crop_cell(image: np.ndarray, det: Detection, cfg: SegmentParams) -> np.ndarray:
     """Square crop centred on the cell, cfg.margin of its size added on each side, resized to cfg.crop_size.
 
@@ -377,12 +391,12 @@ def crop_cell(image: np.ndarray, det: Detection, cfg: SegmentParams) -> np.ndarr
     ax0, ay0, ax1, ay1 = max(sx, 0), max(sy, 0), min(sx + side, w), min(sy + side, h)
     pads = (ay0 - sy, sy + side - ay1, ax0 - sx, sx + side - ax1)  # top, bottom, left, right
     canvas = cv2.copyMakeBorder(image[ay0:ay1, ax0:ax1], *pads, cv2.BORDER_CONSTANT, value=(255, 255, 255))
-    interp = cv2.INTER_AREA if side > cfg.crop_size else cv2.INTER_LINEAR
-    crop = cv2.resize(canvas, (cfg.crop_size, cfg.crop_size), interpolation=interp)
+    crop = _shrink(canvas, cfg.crop_size)
     if cfg.mask_background:
         mask = cv2.copyMakeBorder(det.mask.astype(np.uint8) * 255, y0 - sy, sy + side - y1, x0 - sx, sx + side - x1,
                                   cv2.BORDER_CONSTANT, value=0)
-        mask = cv2.resize(mask, (cfg.crop_size, cfg.crop_size), interpolation=cv2.INTER_AREA)
+        # nearest is enough: the mask is grown by `grow` px below, and 20x cheaper than INTER_AREA
+        mask = cv2.resize(mask, (cfg.crop_size, cfg.crop_size), interpolation=cv2.INTER_NEAREST)
         grow = max(1, int(round(2 * cfg.crop_size / side)))
         crop[cv2.dilate(mask, _disk(grow)) == 0] = 255
     return crop
