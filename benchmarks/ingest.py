@@ -98,12 +98,12 @@ def run_ingest(data: Path, manifest: Path) -> tuple[float, float, object, float]
 
 
 def run_validate(manifest: Path, labels_dir: Path) -> dict:
-    """Time validate_labels on the manifest; report why not if it cannot run (it is being reworked)."""
+    """Time validate_labels on the manifest with the PBC taxonomy (examples/pbc.params.yaml, 8 classes)."""
     try:
         from hemaflow.config import load_params
         from tasks.validate_labels import validate_labels
 
-        params = load_params(ROOT / "params.yaml")
+        params = load_params(ROOT / "examples" / "pbc.params.yaml")
         t0 = time.perf_counter()
         res = validate_labels(manifest, labels_dir, params.validate_labels, params.base.classes)
         return {"seconds": time.perf_counter() - t0, "clean": res.n_clean,
