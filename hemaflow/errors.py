@@ -33,3 +33,16 @@ def require_columns(df, columns: list[str] | tuple[str, ...], path: str | Path) 
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise StageInputError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(map(str, df.columns))}")
+
+
+def read_table(path: str | Path, what: str, columns: list[str] | tuple[str, ...] = ()):
+    """Read a stage's parquet table; missing file, corrupt file or missing columns name the file."""
+    import pandas as pd
+
+    path = require_file(path, what)
+    try:
+        df = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise StageInputError(path, f"{what} cannot be read as parquet: {exc}") from exc
+    require_columns(df, columns, path)
+    return df

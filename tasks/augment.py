@@ -21,7 +21,7 @@ import pandas as pd
 from hemaflow.batches import BatchRunner, run_serial, split_batches
 from hemaflow.config import AugmentParams
 from hemaflow.contact_sheet import save_grid
-from hemaflow.errors import StageInputError, require_columns, require_file
+from hemaflow.errors import StageInputError, read_table
 from hemaflow.progress import Progress
 from hemaflow.schema import CROP_COLUMNS, DATASET_COLUMNS
 
@@ -84,12 +84,7 @@ def job_seed(seed: int, crop_id: str, k: int) -> int:
 
 
 def _read_split(split_path: Path) -> pd.DataFrame:
-    require_file(split_path, "split table")
-    try:
-        crops = pd.read_parquet(split_path)
-    except Exception as exc:  # pyarrow raises several types for corrupt files
-        raise StageInputError(split_path, f"cannot read as parquet: {exc}") from exc
-    require_columns(crops, (*CROP_COLUMNS, "split"), split_path)
+    crops = read_table(split_path, "split table", (*CROP_COLUMNS, "split"))
     if crops.empty:
         raise StageInputError(split_path, "no crops to augment")
     return crops

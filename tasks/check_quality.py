@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from hemaflow.config import CheckQualityParams
-from hemaflow.errors import StageInputError, require_columns, require_file
+from hemaflow.errors import read_table
 from hemaflow.schema import CLEAN_COLUMNS, DATASET_COLUMNS
 
 SPLITS = ("train", "val", "test")
@@ -165,24 +165,12 @@ def check_quality(
 
 def read_dataset(dataset_path: Path) -> pd.DataFrame:
     """Load the dataset table; a missing file or column raises StageInputError naming the file."""
-    require_file(dataset_path, "dataset table")
-    try:
-        df = pd.read_parquet(dataset_path)
-    except Exception as exc:  # pyarrow raises several types for a corrupt file
-        raise StageInputError(dataset_path, f"cannot read parquet: {exc}") from exc
-    require_columns(df, DATASET_COLUMNS, dataset_path)
-    return df.reset_index(drop=True)
+    return read_table(dataset_path, "dataset table", DATASET_COLUMNS).reset_index(drop=True)
 
 
 def read_clean(clean_path: Path) -> pd.DataFrame:
     """Load validate_labels' clean table; it must at least name images, labels and groups."""
-    require_file(clean_path, "clean label table")
-    try:
-        clean = pd.read_parquet(clean_path)
-    except Exception as exc:
-        raise StageInputError(clean_path, f"cannot read parquet: {exc}") from exc
-    require_columns(clean, ("image_id", "label", GROUP_KEY), clean_path)
-    return clean.reset_index(drop=True)
+    return read_table(clean_path, "clean label table", ("image_id", "label", GROUP_KEY)).reset_index(drop=True)
 
 
 def attach_groups(df: pd.DataFrame, clean: pd.DataFrame) -> pd.DataFrame:

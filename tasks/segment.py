@@ -35,7 +35,7 @@ from scipy import ndimage as ndi
 
 from hemaflow.batches import BatchRunner, run_serial, split_batches
 from hemaflow.config import SegmentParams
-from hemaflow.errors import StageInputError, require_columns, require_file
+from hemaflow.errors import read_table
 from hemaflow.imageio import read_image
 from hemaflow.progress import Progress, track
 from hemaflow.review import ReviewItem, write_review
@@ -451,13 +451,7 @@ def segment_rows(rows: pd.DataFrame, raw_dir: Path, crops_dir: Path, cfg: Segmen
 
 
 def _read_clean(clean_path: Path) -> pd.DataFrame:
-    require_file(clean_path, "clean labels table")
-    try:
-        df = pd.read_parquet(clean_path)
-    except Exception as exc:  # pyarrow raises several types for corrupt files
-        raise StageInputError(clean_path, f"cannot read as parquet: {exc}") from exc
-    require_columns(df, CLEAN_COLUMNS, clean_path)
-    return df
+    return read_table(clean_path, "clean labels table", CLEAN_COLUMNS)
 
 
 def plan_segment(clean_path: Path, crops_dir: Path) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from hemaflow.config import SplitParams
-from hemaflow.errors import StageInputError, require_columns, require_file
+from hemaflow.errors import StageInputError, read_table, require_file
 from hemaflow.schema import CROP_COLUMNS
 
 SPLITS = ("train", "val", "test")
@@ -119,12 +119,7 @@ def leakage_groups(source_sha: np.ndarray, group_ids: np.ndarray | None) -> tupl
 
 def read_crops(crops_path: Path) -> pd.DataFrame:
     """Load and check the crops table; every problem names the file."""
-    require_file(crops_path, "crops table")
-    try:
-        crops = pd.read_parquet(crops_path)
-    except Exception as exc:  # pyarrow raises several types for a corrupt file
-        raise StageInputError(crops_path, f"cannot read parquet: {exc}") from exc
-    require_columns(crops, CROP_COLUMNS, crops_path)
+    crops = read_table(crops_path, "crops table", CROP_COLUMNS)
     if crops.empty:
         raise StageInputError(crops_path, "crops table has no rows; nothing to split")
     for col in ("label", "source_sha256"):

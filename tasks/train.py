@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from hemaflow.config import TrainParams
-from hemaflow.errors import StageInputError, require_columns, require_file
+from hemaflow.errors import StageInputError, read_table
 from hemaflow.progress import Progress
 from hemaflow.schema import DATASET_COLUMNS
 
@@ -59,12 +59,7 @@ class TrainResult:
 
 def read_dataset(dataset_path: Path, classes: tuple[str, ...], classes_from: str = "params classes") -> pd.DataFrame:
     """Load dataset.parquet and check what training/evaluation rely on; errors name the file."""
-    require_file(dataset_path, "augmented dataset table")
-    try:
-        df = pd.read_parquet(dataset_path)
-    except Exception as exc:  # pyarrow raises several types for a corrupt file
-        raise StageInputError(dataset_path, f"cannot be read as parquet: {exc}") from exc
-    require_columns(df, DATASET_COLUMNS, dataset_path)
+    df = read_table(dataset_path, "augmented dataset table", DATASET_COLUMNS)
     if df["path"].isna().any():
         raise StageInputError(dataset_path, f"{int(df['path'].isna().sum())} row(s) have no image path")
     unknown = sorted(set(df["label"].astype(str)) - set(classes))

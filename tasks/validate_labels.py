@@ -24,7 +24,7 @@ import pandas as pd
 from hemaflow.agreement import measure_agreement, write_agreement
 from hemaflow.config import ValidateLabelsParams
 from hemaflow.duplicates import group_labels, near_duplicate_pairs, parse_phash
-from hemaflow.errors import StageInputError, require_columns, require_file
+from hemaflow.errors import StageInputError, read_table, require_columns
 from hemaflow.review import ReviewItem, write_review
 from hemaflow.schema import CLEAN_COLUMNS, MANIFEST_COLUMNS
 from hemaflow.taxonomy import Taxonomy, split_labels
@@ -104,11 +104,7 @@ def row_problems(row: dict, taxonomy: Taxonomy, cfg: ValidateLabelsParams) -> tu
 
 
 def read_manifest(manifest_path: Path) -> pd.DataFrame:
-    require_file(manifest_path, "manifest")
-    try:
-        manifest = pd.read_parquet(manifest_path)
-    except Exception as exc:
-        raise StageInputError(manifest_path, f"not a readable parquet manifest ({exc})") from exc
+    manifest = read_table(manifest_path, "manifest")
     for col in OPTIONAL_COLUMNS:
         if col not in manifest.columns:
             manifest[col] = None
