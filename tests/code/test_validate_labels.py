@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -90,7 +92,7 @@ def _row2(image_id, label_raw, phash, label_raw_2=None, **kw):
     return {**_row(image_id, label_raw, **kw), "phash": phash, "label_raw_2": label_raw_2}
 
 
-def _write(rows, tmp_path) -> "Path":
+def _write(rows, tmp_path) -> Path:
     p = tmp_path / "manifest.parquet"
     pd.DataFrame(rows).to_parquet(p)
     return p
