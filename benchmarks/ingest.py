@@ -88,7 +88,7 @@ class PeakRSS:
 def run_ingest(data: Path, manifest: Path) -> tuple[float, float, object, float]:
     """(wall s, cpu s, IngestResult, peak RSS growth MB during ingest)."""
     from hemaflow.config import IngestParams
-    from tasks.ingest import ingest
+    from hemaflow.tasks.ingest import ingest
 
     with PeakRSS() as rss:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -101,7 +101,7 @@ def run_validate(manifest: Path, labels_dir: Path) -> dict:
     """Time validate_labels on the manifest with the PBC taxonomy (examples/pbc.params.yaml, 8 classes)."""
     try:
         from hemaflow.config import load_params
-        from tasks.validate_labels import validate_labels
+        from hemaflow.tasks.validate_labels import validate_labels
 
         params = load_params(ROOT / "examples" / "pbc.params.yaml")
         t0 = time.perf_counter()

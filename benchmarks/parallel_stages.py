@@ -43,8 +43,8 @@ def make_project(root: Path, raw: Path, batch_size: int | None = None, **paralle
 
 def timed_batch_phase():
     """Wrap flows.parallel.prefect_batch_runner to time first submit -> last result."""
-    import flows.parallel as fp
-    import flows.training as ft
+    import hemaflow.flows.parallel as fp
+    import hemaflow.flows.training as ft
 
     spans: list[float] = []
     original = fp.prefect_batch_runner
@@ -77,7 +77,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from hemaflow.config import load_params
-    from hemaflow.stages import run_stage
+    from hemaflow.tasks.stages import run_stage
 
     try:
         raw = args.data
@@ -96,7 +96,7 @@ def main() -> None:
             shutil.copytree(base.parent / "data", params.parent / "data")
             return params
 
-        from flows.training import run_batched_stage
+        from hemaflow.flows.training import run_batched_stage
         spans = timed_batch_phase()
         runs: list[dict] = []
 

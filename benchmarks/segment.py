@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from hemaflow.config import SegmentParams  # noqa: E402
 from hemaflow.voc import read_voc_boxes  # noqa: E402
-from tasks.segment import crop_cell, find_white_cells  # noqa: E402
-from tasks.segment_eval import score_boxes  # noqa: E402
+from hemaflow.tasks.segment import crop_cell, find_white_cells  # noqa: E402
+from hemaflow.tasks.segment_eval import score_boxes  # noqa: E402
 
 TARGETS = {"recall": 0.98, "precision": 0.97, "mean_iou": 0.85, "seg_vs_decode": 0.25}
 

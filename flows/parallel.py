@@ -22,18 +22,17 @@ from threadpoolctl import threadpool_limits
 
 from hemaflow.batches import BatchRunner
 from hemaflow.config import ParallelParams
+from hemaflow.errors import is_transient as transient_error
 from hemaflow.progress import Progress
 
 
 def is_transient(task, task_run, state) -> bool:
-    """Retry only errors that may pass on their own (I/O, network), not bad data."""
+    """Retry only errors that may pass on their own (I/O hiccups, network), never bad data,
+    bad params, an unwritable output or a failed gate (hemaflow.errors.is_transient)."""
     try:
         state.result()
-    except (OSError, TimeoutError, ConnectionError) as exc:
-        from hemaflow.errors import StageInputError
-        return not isinstance(exc, StageInputError)
-    except Exception:
-        return False
+    except Exception as exc:
+        return transient_error(exc)
     return False
 
 

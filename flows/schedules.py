@@ -20,7 +20,7 @@ from prefect.events import emit_event
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.schedules import Cron, Interval
 
-from flows.training import training_pipeline
+from hemaflow.flows.training import training_pipeline
 from hemaflow.config import Params, load_params
 
 DATA_CHANGED = "hemaflow.data.changed"

@@ -19,11 +19,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import dvc_state
-from flows.artifacts import publish_summary, stage_progress
-from flows.parallel import dask_task_runner, is_transient, prefect_batch_runner, workers_share_prefect_api
+from hemaflow.flows import dvc_state
+from hemaflow.flows.artifacts import publish_summary, stage_progress
+from hemaflow.flows.parallel import dask_task_runner, is_transient, prefect_batch_runner, workers_share_prefect_api
 from hemaflow.config import load_params
-from hemaflow.stages import BATCHED_STAGES, STAGES, run_stage, stage_paths
+from hemaflow.tasks.stages import BATCHED_STAGES, STAGES, run_stage, stage_paths
 
 RETRIES = {"ingest": 2, "promote": 3}  # segment and augment retry per batch (flows/parallel.py)
 

@@ -57,6 +57,9 @@ class IngestParams(_Frozen):
     # size_out_of_range: width or height more than this factor away from the source's median; None: off
     size_tolerance: float | None = Field(4.0, gt=1)
     expected_width: tuple[int, int] | None = None   # optional hard [min, max] range, every source
+    # decoding guard: header pixel count and file size checked before decoding (image_too_large); None: off
+    max_pixels: int | None = Field(64_000_000, ge=1)
+    max_file_mb: float | None = Field(256, gt=0)
     expected_height: tuple[int, int] | None = None
 
     @field_validator("filename_pattern")
@@ -87,6 +90,14 @@ class ValidateLabelsParams(_Frozen):
 
 
 class SegmentParams(_Frozen):
+    # fields: every white cell of a smear field is a crop labelled by its box/field label.
+    # single_cell: the image shows ONE labelled cell in the centre (PBC, ALL-IDB, MedMNIST, lab crops):
+    # the detection nearest the centre is the crop, other cells go to review as secondary_cell,
+    # no detection -> a centred crop of fallback_crop_px, flagged. auto: single_cell for every
+    # reader but voc_fields (smear fields).
+    mode: Literal["auto", "fields", "single_cell"] = "auto"
+    single_cell_crop: Literal["detection", "centre"] = "detection"  # centre: always the centred crop (BloodMNIST style)
+    fallback_crop_px: int = Field(200, ge=8)                        # side of the centred crop (capped at the image)
     crop_size: int = Field(96, ge=8)
     margin: float = Field(0.15, ge=0.0, le=1.0)
     mask_background: bool = True
@@ -111,6 +122,7 @@ class SegmentParams(_Frozen):
 class SplitParams(_Frozen):
     test_size: float = Field(0.2, gt=0, lt=1)
     val_size: float = Field(0.2, gt=0, lt=1)
+    use_source_split: bool = True   # keep the split a source fixes (BCCD ImageSets, MedMNIST keys, CSV column)
 
 
 class AugmentParams(_Frozen):

@@ -64,11 +64,12 @@ def grid(tiles: Sequence[np.ndarray], captions: Sequence[str], cols: int, tile_s
 
 def save_grid(path: str | Path, tiles: Sequence[np.ndarray], captions: Sequence[str], cols: int,
               tile_size: int = 160, title: str = "") -> Path:
-    """Write grid(...) as a PNG; raises OSError if it cannot be written."""
+    """Write grid(...) as a PNG; raises OutputWriteError if it cannot be written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), grid(tiles, captions, cols, tile_size, title)):
-        raise OSError(f"{path}: could not write contact sheet")
+    from hemaflow.errors import write_image
+
+    write_image(path, grid(tiles, captions, cols, tile_size, title), "contact sheet")
     return path
 
 

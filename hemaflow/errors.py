@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -12,6 +13,63 @@ class StageInputError(Exception):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+    def __reduce__(self):  # survives pickling (errors raised in Dask workers)
+        return type(self), (self.path, self.problem)
+
+
+class OutputWriteError(StageInputError):
+    """A stage cannot write an output file (read-only folder, disk full, bad name): deterministic, never retried."""
+
+
+class SourceReadError(OSError):
+    """Reading a source file failed for a reason other than its content (permission, I/O, vanished file).
+
+    Not a decode failure: the file is not sent to the review list as unreadable, because a
+    flaky mount must not silently shrink the dataset. Transient errno values (EIO, timeouts)
+    may be retried by the flow; the rest fail at once.
+    """
+
+    def __init__(self, path: str | Path, cause: OSError):
+        self.path = Path(path)
+        self.cause = cause
+        super().__init__(cause.errno, f"{path}: cannot read the file ({cause.strerror or cause})")
+
+    def __str__(self) -> str:
+        return self.args[1]
+
+    def __reduce__(self):
+        return type(self), (self.path, self.cause)
+
+
+# errno values that may clear on their own (network mounts, busy devices); the rest are deterministic
+TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.ECONNRESET,
+                    errno.ECONNREFUSED, errno.ECONNABORTED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINTR}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for faults worth a retry (I/O hiccups, network); False for bad input, bad params, gates."""
+    if isinstance(exc, StageInputError):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in TRANSIENT_ERRNOS
+    return False
+
+
+def write_image(path: str | Path, image, what: str = "image") -> None:
+    """cv2.imwrite into path (its folder created); a failure is an OutputWriteError naming the file."""
+    import cv2
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ok = cv2.imwrite(str(path), image)
+    except (OSError, cv2.error) as exc:
+        raise OutputWriteError(path, f"could not write {what}: {exc}") from None
+    if not ok:
+        raise OutputWriteError(path, f"could not write {what} (folder not writable, disk full or bad file name)")
 
 
 def require_file(path: str | Path, what: str) -> Path:

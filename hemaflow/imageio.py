@@ -22,6 +22,16 @@ PHASH_SIDE = 32       # imagehash.phash input: hash_size 8 x highfreq_factor 4
 PHASH_REDUCING_GAP = 3.0  # PIL: box-reduce to >= 3x the target before Lanczos
 
 
+def safe_relpath(item_id: str) -> str:
+    """An item id as a relative output path: sub-folders kept, anything that could leave the
+    output folder ('..', a leading '/') or trouble a file system (':', spaces) replaced."""
+    import re
+
+    parts = [re.sub(r"[^A-Za-z0-9._-]+", "_", p) for p in str(item_id).replace("\\", "/").split("/")]
+    parts = [p.replace("..", "_") for p in parts if p not in ("", ".")]
+    return "/".join(parts) or "_"
+
+
 def npz_path(npz_rel: str, split: str, index: int) -> str:
     """Manifest path of row `index` of `<split>_images` in an npz archive."""
     return f"{npz_rel}{NPZ_SEP}{split}/{index:05d}"
@@ -61,8 +71,49 @@ def to_bgr8(img: np.ndarray, rgb: bool = False) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if rgb else np.ascontiguousarray(img)
 
 
-def read_image(raw_dir: Path, rel_path: str) -> np.ndarray | None:
-    """BGR uint8 image for a manifest path (file or npz row); None if it cannot be read."""
+# Decoding guard: a 30000x30000 PNG is a few KB on disk and 2.7 GB decoded. The header is
+# read first (PIL reads only the header on open) and anything above these limits is never
+# decoded. ingest takes its limits from params (ingest.max_pixels / max_file_mb).
+DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_FILE_BYTES = 256 * 2**20
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image header without decoding pixels; None if PIL cannot identify it."""
+    import io
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning: we judge the size ourselves
+            with Image.open(io.BytesIO(data)) as im:
+                return int(im.size[0]), int(im.size[1])
+    except Exception:  # PIL raises many types for unknown or damaged headers
+        return None
+
+
+def oversize(data: bytes, max_pixels: int | None, max_bytes: int | None) -> str | None:
+    """Why an encoded image must not be decoded (too many bytes or header pixels), or None."""
+    if max_bytes is not None and len(data) > max_bytes:
+        return f"the file has {len(data) / 2**20:.1f} MB, above the limit of {max_bytes / 2**20:.0f} MB"
+    if max_pixels is not None:
+        size = header_size(data)
+        if size is not None and size[0] * size[1] > max_pixels:
+            return (f"the header says {size[0]}x{size[1]} = {size[0] * size[1] / 1e6:.0f} M pixels, above the "
+                    f"limit of {max_pixels / 1e6:.0f} M; not decoded")
+    return None
+
+
+def read_image(raw_dir: Path, rel_path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> np.ndarray | None:
+    """BGR uint8 image for a manifest path (file or npz row); None if it cannot be decoded.
+
+    None means the content is bad (or over the decoding guard's limits). A failure to read
+    the file at all (permission denied, I/O error on a mount) is not a content problem: it
+    raises SourceReadError naming the file.
+    """
+    from hemaflow.errors import SourceReadError
+
     raw_dir = Path(raw_dir)
     npz = parse_npz_path(rel_path)
     try:
@@ -76,9 +127,16 @@ def read_image(raw_dir: Path, rel_path: str) -> np.ndarray | None:
         path = raw_dir / rel_path
         if not path.resolve().is_relative_to(raw_dir.resolve()):
             return None  # never read outside the data folder (ingest flags such rows)
-        data = np.fromfile(path, np.uint8)
-        img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise SourceReadError(path, exc) from None
+        if not data or oversize(data, max_pixels, max_bytes):
+            return None
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         return None if img is None else to_bgr8(img)
+    except SourceReadError:
+        raise
     except (OSError, ValueError, KeyError, cv2.error):
         return None
 
@@ -157,7 +215,8 @@ def _decode(buf: np.ndarray, flags: int) -> np.ndarray | None:
     return None if img is None or img.size == 0 else img
 
 
-def describe_bytes(data: bytes, suffix: str) -> dict:
+def describe_bytes(data: bytes, suffix: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                   max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> dict:
     """Hash and decode one file's bytes (read once): sha256, size, channels, phash, or the fault.
 
     A JPEG is decoded straight to grayscale at full size: libjpeg still entropy-decodes
@@ -169,6 +228,10 @@ def describe_bytes(data: bytes, suffix: str) -> dict:
                   "channels": None, "error": None}
     if not data:
         info["error"] = "empty_file: the file has zero bytes"
+        return info
+    too_big = oversize(data, max_pixels, max_bytes)
+    if too_big:
+        info["error"] = f"image_too_large: {too_big}"
         return info
     is_jpeg = data[:3] == b"\xff\xd8\xff"
     if is_jpeg and suffix in JPEG_SUFFIXES and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):

@@ -21,7 +21,8 @@ import pandas as pd
 from hemaflow.batches import BatchRunner, run_serial, split_batches
 from hemaflow.config import AugmentParams
 from hemaflow.contact_sheet import save_grid
-from hemaflow.errors import StageInputError, read_table
+from hemaflow.errors import OutputWriteError, StageInputError, read_table, write_image
+from hemaflow.imageio import safe_relpath
 from hemaflow.progress import Progress
 from hemaflow.schema import CROP_COLUMNS, DATASET_COLUMNS
 
@@ -109,8 +110,12 @@ def plan_augment(split_path: Path, crops_dir: Path, augmented_dir: Path,
         src = crops_dir / r.path
         if not src.is_file():
             raise StageInputError(src, f"crop listed in {split_path.name} is missing")
-        dst = img_dir / f"{r.crop_id}.png"
-        shutil.copyfile(src, dst)
+        dst = img_dir / f"{safe_relpath(r.crop_id)}.png"  # crop ids may hold sub-folders (class_folders)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        except OSError as exc:
+            raise OutputWriteError(dst, f"could not copy crop: {exc.strerror or exc}") from None
         rows.append({"path": dst.relative_to(augmented_dir).as_posix(), "label": r.label, "split": r.split,
                      "source_id": r.source_id, "source_sha256": r.source_sha256, "crop_id": r.crop_id,
                      "augmented": False})
@@ -134,9 +139,8 @@ def augment_batch(jobs: list[dict], crops_dir: Path, augmented_dir: Path, cfg: A
         if img is None:
             raise StageInputError(src, "crop cannot be decoded")
         out = augment_image(img, np.random.default_rng(job_seed(seed, job["crop_id"], job["k"])), cfg)
-        rel = f"images/{job['crop_id']}_aug{job['k']:03d}.png"
-        if not cv2.imwrite(str(Path(augmented_dir) / rel), out):
-            raise OSError(f"{Path(augmented_dir) / rel}: could not write augmented image")
+        rel = f"images/{safe_relpath(job['crop_id'])}_aug{job['k']:03d}.png"
+        write_image(Path(augmented_dir) / rel, out, "augmented image")
         rows.append({"path": rel, "label": job["label"], "split": "train", "source_id": job["source_id"],
                      "source_sha256": job["source_sha256"], "crop_id": job["crop_id"], "augmented": True})
     return rows

@@ -21,7 +21,7 @@ from hemaflow.config import Params
 from hemaflow.errors import StageInputError, require_dir, require_file
 from hemaflow.progress import Progress, track
 from hemaflow.review import ReviewItem, write_review
-from tasks.segment import crop_cell, find_white_cells
+from hemaflow.tasks.segment import crop_cell, find_white_cells
 
 STAGE = "classify"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}

@@ -16,7 +16,7 @@ import pandas as pd
 
 from hemaflow.config import EvaluateParams
 from hemaflow.errors import StageInputError, require_file
-from tasks.train import LABELS_FILE, MODEL_FILE, find_unreadable, make_image_dataset, prepare_output_dir, read_dataset
+from hemaflow.tasks.train import LABELS_FILE, MODEL_FILE, find_unreadable, make_image_dataset, prepare_output_dir, read_dataset
 
 PREDICTION_COLUMNS = ("path", "label", "predicted", "confidence")
 

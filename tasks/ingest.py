@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from hemaflow.config import IngestParams
-from hemaflow.errors import require_dir
+from hemaflow.errors import SourceReadError, require_dir
 from hemaflow.imageio import describe_bytes, describe_pixels
 from hemaflow.progress import Progress, track
 from hemaflow.readers import IMAGE_SUFFIXES, SourceItem, scan_raw_dir
@@ -55,34 +55,44 @@ class IngestResult:
         }
 
 
-def describe_image(path: Path) -> dict:
+def _limits(cfg: IngestParams | None) -> dict:
+    cfg = cfg or IngestParams()
+    return {"max_pixels": cfg.max_pixels, "max_bytes": None if cfg.max_file_mb is None else int(cfg.max_file_mb * 2**20)}
+
+
+def describe_image(path: Path, cfg: IngestParams | None = None) -> dict:
     """Hash and decode one file: sha256, phash, size, channels, or the reason it is unusable."""
-    return describe_bytes(path.read_bytes(), path.suffix.lower())
+    return describe_bytes(_read(path), path.suffix.lower(), **_limits(cfg))
 
 
-def describe_item(item: SourceItem) -> dict:
+def _read(path: Path) -> bytes:
+    """The file's bytes. A read failure (permission, I/O error on a mount) stops the stage: it is
+    not a property of the image, and recording it as unreadable would silently shrink the data."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SourceReadError(path, exc) from None
+
+
+def describe_item(item: SourceItem, cfg: IngestParams | None = None) -> dict:
     """The per-image facts of one item; a fault found while scanning means the file is not read."""
     if item.error is not None:
         return {"sha256": None, "phash": None, "width": None, "height": None, "channels": None, "error": item.error}
     if item.pixels is not None:
         return describe_pixels(item.pixels, rgb=True)
     p: Path = item.file
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        return {"sha256": None, "phash": None, "width": None, "height": None, "channels": None,
-                "error": f"unreadable_image: cannot read the file ({exc.strerror or exc})"}
+    data = _read(p)
     suffix = p.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
         return {"sha256": hashlib.sha256(data).hexdigest(), "phash": None, "width": None, "height": None,
                 "channels": None, "error": f"not_an_image: suffix '{p.suffix}' is not an image type"}
-    return describe_bytes(data, suffix)
+    return describe_bytes(data, suffix, **_limits(cfg))
 
 
-def _record(item: SourceItem) -> dict:
+def _record(item: SourceItem, cfg: IngestParams | None = None) -> dict:
     rec = {"image_id": item.image_id, "path": item.path, "source": item.source, "label_raw": item.label_raw,
            "label_raw_2": item.label_raw_2, "boxes": json.dumps([list(b) for b in item.boxes]), "split": item.split}
-    rec.update(describe_item(item))
+    rec.update(describe_item(item, cfg))
     return rec
 
 
@@ -132,7 +142,7 @@ def ingest(raw_dir: Path, manifest_path: Path, cfg: IngestParams, progress: Prog
     """Scan raw_dir with the chosen reader, hash and decode every image, join labels, write the manifest."""
     raw_dir = require_dir(raw_dir, "raw data")
     reader, scan = scan_raw_dir(raw_dir, cfg)
-    records = [_record(item) for item in track(scan.items, scan.total, progress, every=50)]
+    records = [_record(item, cfg) for item in track(scan.items, scan.total, progress, every=50)]
     n_images = sum(1 for r in records if r["path"] is not None)
     n_label_rows = join_labels(records, scan, raw_dir)
 

@@ -23,6 +23,7 @@ cytoplasm is orange, where the colour method misses cells.
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,14 +36,17 @@ from scipy import ndimage as ndi
 
 from hemaflow.batches import BatchRunner, run_serial, split_batches
 from hemaflow.config import SegmentParams
-from hemaflow.errors import read_table
-from hemaflow.imageio import read_image
+from hemaflow.errors import read_table, write_image
+from hemaflow.imageio import read_image, safe_relpath
 from hemaflow.progress import Progress, track
 from hemaflow.review import ReviewItem, write_review
 from hemaflow.schema import CLEAN_COLUMNS, CROP_COLUMNS
 
 STAGE = "segment"
-REASONS = ("no_cell_found", "cell_cut_by_border", "implausible_area", "unreadable_image")
+REASONS = ("no_cell_found", "cell_cut_by_border", "implausible_area", "unreadable_image", "secondary_cell",
+           "centre_crop_fallback")
+# readers whose images are smear fields with many cells; every other reader gives one centred cell per image
+FIELD_SOURCES = frozenset({"voc_fields"})
 
 
 # method "optical_density" (the first detector, kept for the embedded synthetic fields it was tuned on:
@@ -78,10 +82,13 @@ class SegmentResult:
     crops_path: Path | None = None
     review_path: Path | None = None
     box_eval: dict | None = None  # crops vs annotated boxes, when the source has boxes
+    yield_per_class: dict[str, dict[str, int]] = field(default_factory=dict)  # label -> images, crops
 
     def summary(self) -> dict:
         out = {"images": self.images, "crops": self.crops, "flagged": dict(self.flagged),
                "flagged_total": sum(self.flagged.values())}
+        if self.yield_per_class:
+            out["crop yield"] = ", ".join(f"{k} {v['crops']}/{v['images']}" for k, v in self.yield_per_class.items())
         if self.box_eval and self.box_eval.get("truth_boxes"):
             out.update({f"boxes {k}": round(self.box_eval[k], 4) for k in ("recall", "precision", "mean_iou")})
         return out
@@ -406,14 +413,104 @@ def _review(item: str, path: str, reason: str, detail: str) -> ReviewItem:
     return ReviewItem(stage=STAGE, item=item, path=path, reason=reason, detail=detail)
 
 
+def crop_file(crop_id: str) -> str:
+    """Crop path relative to crops_dir. Ids may hold sub-folders (class_folders: 'basophil/BA_1',
+    medmnist: 'bloodmnist/train/00012'): kept as folders, unsafe characters replaced."""
+    return f"images/{safe_relpath(crop_id)}.png"
+
+
+def single_cell_source(source: str, cfg: SegmentParams) -> bool:
+    """Does an image of this reader show one labelled cell (vs a smear field of many)?"""
+    if cfg.mode == "auto":
+        return source not in FIELD_SOURCES
+    return cfg.mode == "single_cell"
+
+
+def centre_detection(image: np.ndarray, cfg: SegmentParams) -> Detection:
+    """A square of cfg.fallback_crop_px (capped at the image) in the image centre, no mask."""
+    h, w = image.shape[:2]
+    side = min(cfg.fallback_crop_px, h, w)
+    x0, y0 = (w - side) // 2, (h - side) // 2
+    return Detection((x0, y0, x0 + side, y0 + side), side * side, False, np.ones((side, side), bool))
+
+
+def nearest_centre(dets: list[Detection], shape: tuple[int, int]) -> int:
+    """Index of the detection whose box centre is nearest the image centre."""
+    cy, cx = shape[0] / 2, shape[1] / 2
+    return int(np.argmin([np.hypot((d.box[1] + d.box[3]) / 2 - cy, (d.box[0] + d.box[2]) / 2 - cx) for d in dets]))
+
+
+def _crop_row(crop_id: str, row, rel: str, det: Detection) -> dict:
+    x0, y0, x1, y1 = det.box
+    return {"crop_id": crop_id, "path": crop_file(crop_id), "source_id": str(row.image_id),
+            "source_sha256": row.sha256, "source_path": rel, "label": row.label,
+            "x0": x0, "y0": y0, "x1": x1, "y1": y1, "mask_area": det.mask_area}
+
+
+def _segment_single_cell(image: np.ndarray, row, rel: str, crops_dir: Path, cfg: SegmentParams,
+                         crop_rows: list[dict], review: list[ReviewItem]) -> None:
+    """One labelled cell per image: the detection nearest the centre (or a flagged centred crop)."""
+    image_id = str(row.image_id)
+    crop_id = f"{image_id}_c0"
+    dets = [] if cfg.single_cell_crop == "centre" else find_white_cells(image, cfg)
+    field_px = image.shape[0] * image.shape[1]
+    main = nearest_centre(dets, image.shape[:2]) if dets else None
+    for k, det in enumerate(dets):
+        if k != main:
+            review.append(_review(f"{image_id}_s{k}", rel, "secondary_cell",
+                                  f"another cell at box {det.box}, not the image's centred cell: not labelled "
+                                  f"'{row.label}'"))
+    det = dets[main] if main is not None else None
+    if det is not None and det.mask_area / field_px > cfg.max_area_frac:
+        review.append(_review(crop_id, rel, "centre_crop_fallback",
+                              f"centred cell covers {det.mask_area / field_px:.3f} of the image (max_area_frac "
+                              f"{cfg.max_area_frac}): centred crop used instead"))
+        det = None
+    elif det is None and cfg.single_cell_crop == "detection":
+        review.append(_review(crop_id, rel, "centre_crop_fallback",
+                              f"no stained nucleus found: centred {min(cfg.fallback_crop_px, *image.shape[:2])} px "
+                              "crop used (kept, labelled)"))
+    if det is None:
+        det = centre_detection(image, cfg)
+        crop = crop_cell(image, det, cfg.model_copy(update={"margin": 0.0, "mask_background": False}))
+    else:
+        crop = crop_cell(image, det, cfg)
+    write_image(Path(crops_dir) / crop_file(crop_id), crop, "crop")
+    crop_rows.append(_crop_row(crop_id, row, rel, det))
+
+
+def _segment_field(image: np.ndarray, row, rel: str, crops_dir: Path, cfg: SegmentParams,
+                   crop_rows: list[dict], review: list[ReviewItem]) -> None:
+    """A smear field: every white cell that is whole and of plausible size is a crop."""
+    image_id = str(row.image_id)
+    dets = find_white_cells(image, cfg)
+    if not dets:
+        review.append(_review(image_id, rel, "no_cell_found", "no stained nucleus of white-cell size in the field"))
+        return
+    field_px = image.shape[0] * image.shape[1]
+    for k, det in enumerate(dets):
+        crop_id = f"{image_id}_c{k}"
+        if det.touches_border:
+            review.append(_review(crop_id, rel, "cell_cut_by_border", f"cell box {det.box} touches the field edge"))
+            continue
+        frac = det.mask_area / field_px
+        if frac > cfg.max_area_frac:
+            review.append(_review(crop_id, rel, "implausible_area",
+                                  f"cell covers {frac:.3f} of the field (max_area_frac {cfg.max_area_frac})"))
+            continue
+        write_image(Path(crops_dir) / crop_file(crop_id), crop_cell(image, det, cfg), "crop")
+        crop_rows.append(_crop_row(crop_id, row, rel, det))
+
+
 def segment_rows(rows: pd.DataFrame, raw_dir: Path, crops_dir: Path, cfg: SegmentParams,
                  progress: Progress | None = None) -> tuple[list[dict], list[ReviewItem]]:
     """Segment a batch of clean rows: write crop PNGs under crops_dir/images, return crop rows and review items.
 
-    Pure per row (no shared state), so batches can run in parallel workers.
+    Pure per row (no shared state), so batches can run in parallel workers. A file that
+    cannot be read at all (SourceReadError) or a crop that cannot be written
+    (OutputWriteError) stops the stage; only undecodable content goes to review.
     """
-    raw_dir, images_dir = Path(raw_dir), Path(crops_dir) / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    raw_dir = Path(raw_dir)
     crop_rows: list[dict] = []
     review: list[ReviewItem] = []
     for row in track(rows.itertuples(index=False), len(rows), progress, every=10):
@@ -421,32 +518,14 @@ def segment_rows(rows: pd.DataFrame, raw_dir: Path, crops_dir: Path, cfg: Segmen
         if not isinstance(rel, str) or not rel:
             review.append(_review(image_id, "", "unreadable_image", "row has no image path"))
             continue
-        image = read_image(raw_dir, rel)
+        image = read_image(raw_dir, rel, max_pixels=None, max_bytes=None)  # ingest already applied the guard
         if image is None:
             review.append(_review(image_id, rel, "unreadable_image", f"OpenCV cannot decode {raw_dir / rel}"))
             continue
-        dets = find_white_cells(image, cfg)
-        if not dets:
-            review.append(_review(image_id, rel, "no_cell_found", "no stained nucleus of white-cell size in the field"))
-            continue
-        field_px = image.shape[0] * image.shape[1]
-        for k, det in enumerate(dets):
-            crop_id = f"{image_id}_c{k}"
-            if det.touches_border:
-                review.append(_review(crop_id, rel, "cell_cut_by_border", f"cell box {det.box} touches the field edge"))
-                continue
-            frac = det.mask_area / field_px
-            if frac > cfg.max_area_frac:
-                review.append(_review(crop_id, rel, "implausible_area",
-                                      f"cell covers {frac:.3f} of the field (max_area_frac {cfg.max_area_frac})"))
-                continue
-            out_rel = f"images/{crop_id}.png"
-            if not cv2.imwrite(str(Path(crops_dir) / out_rel), crop_cell(image, det, cfg)):
-                raise OSError(f"{Path(crops_dir) / out_rel}: could not write crop")
-            x0, y0, x1, y1 = det.box
-            crop_rows.append({"crop_id": crop_id, "path": out_rel, "source_id": image_id,
-                              "source_sha256": row.sha256, "source_path": rel, "label": row.label,
-                              "x0": x0, "y0": y0, "x1": x1, "y1": y1, "mask_area": det.mask_area})
+        if single_cell_source(str(row.source), cfg):
+            _segment_single_cell(image, row, rel, crops_dir, cfg, crop_rows, review)
+        else:
+            _segment_field(image, row, rel, crops_dir, cfg, crop_rows, review)
     return crop_rows, review
 
 
@@ -462,7 +541,8 @@ def plan_segment(clean_path: Path, crops_dir: Path) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def finish_segment(n_images: int, parts: list[tuple[list[dict], list[ReviewItem]]], crops_dir: Path) -> SegmentResult:
+def finish_segment(n_images: int, parts: list[tuple[list[dict], list[ReviewItem]]], crops_dir: Path,
+                   labels: pd.Series | None = None) -> SegmentResult:
     """Finish: merge the batches' rows into crops.parquet (sorted, so batch order cannot matter) and review.csv."""
     crops_dir = Path(crops_dir)
     crop_rows = [row for rows, _ in parts for row in rows]
@@ -475,8 +555,14 @@ def finish_segment(n_images: int, parts: list[tuple[list[dict], list[ReviewItem]
     crops.to_parquet(crops_path, index=False)
     write_review(review, review_path)
     counts = Counter(item.reason for item in review)
+    per_class = {}
+    if labels is not None:
+        made = crops["label"].value_counts()
+        per_class = {str(k): {"images": int(v), "crops": int(made.get(k, 0))}
+                     for k, v in labels.value_counts().sort_index().items()}
+    (crops_dir / "yield.json").write_text(json.dumps({"per_class": per_class, "flagged": dict(counts)}, indent=2) + "\n")
     return SegmentResult(images=n_images, crops=len(crops), flagged={r: counts.get(r, 0) for r in REASONS},
-                         crops_path=crops_path, review_path=review_path)
+                         crops_path=crops_path, review_path=review_path, yield_per_class=per_class)
 
 
 def segment_images(clean_path: Path, raw_dir: Path, crops_dir: Path, cfg: SegmentParams,
@@ -490,8 +576,8 @@ def segment_images(clean_path: Path, raw_dir: Path, crops_dir: Path, cfg: Segmen
     df = plan_segment(clean_path, crops_dir)
     batch_fn = functools.partial(segment_rows, raw_dir=Path(raw_dir), crops_dir=Path(crops_dir), cfg=cfg)
     parts = (run_batches or run_serial)(batch_fn, split_batches(df, batch_size), progress)
-    result = finish_segment(len(df), parts, crops_dir)
+    result = finish_segment(len(df), parts, crops_dir, df["label"])
     if df["boxes"].map(lambda b: isinstance(b, str) and b not in ("", "[]")).any():
-        from tasks.segment_eval import evaluate_segmentation  # box_eval.json + fields_contact_sheet.png
+        from hemaflow.tasks.segment_eval import evaluate_segmentation  # box_eval.json + fields_contact_sheet.png
         result.box_eval = evaluate_segmentation(clean_path, result.crops_path, raw_dir, crops_dir)
     return result

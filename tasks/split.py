@@ -1,5 +1,9 @@
 """Split stage: assign every crop to train / val / test.
 
+A split fixed by the data source (BCCD ImageSets lists, MedMNIST train/val/test, a split
+column in a labels CSV) is kept as given (split.use_source_split); images it leaves open
+are placed by the balancing below.
+
 Stratified by label so every split sees the class mix of the whole, and grouped so that
 crops of one smear field (source_sha256), exact duplicate files and near-duplicate images
 (validate_labels' group_id in clean.parquet, joined on source_id) never sit on both sides
@@ -31,6 +35,7 @@ class SplitResult:
     sources: dict[str, int]             # split -> source images
     class_gap: dict[str, float]         # split -> max over classes |share in split - share overall|
     groups: dict[str, int] | None = None  # split -> leakage groups (sources joined by near-duplicate group)
+    source_split_groups: int = 0          # groups whose split the data source fixed
 
     @property
     def n_crops(self) -> int:
@@ -43,6 +48,7 @@ class SplitResult:
             "n_crops": total,
             "n_sources": sum(self.sources.values()),
             "n_groups": sum((self.groups or self.sources).values()),
+            "groups with the source's split": self.source_split_groups,
             "splits": {
                 s: {
                     "crops": sum(self.counts[s].values()),
@@ -72,7 +78,10 @@ def split_crops(crops_path: Path, split_path: Path, cfg: SplitParams, seed: int,
     group_counts = np.zeros((len(groups), len(labels)), dtype=np.int64)
     np.add.at(group_counts, (group_of_row, label_idx), 1)
 
-    group_split = assign_groups(group_counts, fractions, np.random.default_rng(seed))
+    fixed = None
+    if cfg.use_source_split and clean_path is not None:
+        fixed = fixed_group_splits(read_source_splits(clean_path, crops), group_of_row, len(groups))
+    group_split = assign_groups(group_counts, fractions, np.random.default_rng(seed), fixed=fixed)
     out = crops.copy()
     out["split"] = np.asarray(SPLITS, dtype=object)[group_split[group_of_row]]
     split_path = Path(split_path)
@@ -80,8 +89,39 @@ def split_crops(crops_path: Path, split_path: Path, cfg: SplitParams, seed: int,
     out.to_parquet(split_path, index=False)
     result = summarize_split(out, split_path, labels)
     per_split = pd.Series(group_split).value_counts()
+    n_fixed = int((fixed >= 0).sum()) if fixed is not None else 0
     return SplitResult(result.split_path, result.counts, result.sources, result.class_gap,
-                       groups={s: int(per_split.get(k, 0)) for k, s in enumerate(SPLITS)})
+                       groups={s: int(per_split.get(k, 0)) for k, s in enumerate(SPLITS)},
+                       source_split_groups=n_fixed)
+
+
+SPLIT_SPELLINGS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                   "dev": "val", "test": "test", "testing": "test"}
+
+
+def read_source_splits(clean_path: Path, crops: pd.DataFrame) -> np.ndarray:
+    """Per crop: the split its source image was given by the data source (BCCD ImageSets lists,
+    MedMNIST train/val/test keys, a labels CSV split column), as an index into SPLITS, or -1."""
+    try:
+        clean = pd.read_parquet(clean_path, columns=["image_id", "split"])
+    except Exception:  # an older clean table without a split column: nothing is fixed
+        return np.full(len(crops), -1)
+    norm = clean["split"].map(lambda v: SPLIT_SPELLINGS.get(str(v).strip().lower()) if isinstance(v, str) else None)
+    by_id = pd.Series(norm.to_numpy(), index=clean["image_id"].astype(str)).groupby(level=0).first()
+    per_crop = crops["source_id"].astype(str).map(by_id)
+    return per_crop.map(lambda v: SPLITS.index(v) if isinstance(v, str) else -1).to_numpy(dtype=np.int64)
+
+
+def fixed_group_splits(row_split: np.ndarray, group_of_row: np.ndarray, n_groups: int) -> np.ndarray:
+    """Per leakage group: the source's split, or -1 where the source fixed none.
+
+    A group whose rows the source put on both sides (the same image listed in train and test,
+    or near-duplicates across the published split) goes to the most held-out of them (test
+    over val over train), so it can never leak into training.
+    """
+    fixed = np.full(n_groups, -1, dtype=np.int64)
+    np.maximum.at(fixed, group_of_row, row_split)
+    return fixed
 
 
 def read_group_ids(clean_path: Path, crops: pd.DataFrame, crops_path: Path) -> np.ndarray:
@@ -140,7 +180,8 @@ def split_fractions(cfg: SplitParams) -> np.ndarray:
     return np.array([train, cfg.val_size, cfg.test_size])
 
 
-def assign_groups(group_counts: np.ndarray, fractions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def assign_groups(group_counts: np.ndarray, fractions: np.ndarray, rng: np.random.Generator,
+                  fixed: np.ndarray | None = None) -> np.ndarray:
     """Give each group (row of per-class crop counts) a split index; deterministic for rng's seed.
 
     First every class with >= 3 groups gets its smallest group into val and into test, so
@@ -163,6 +204,10 @@ def assign_groups(group_counts: np.ndarray, fractions: np.ndarray, rng: np.rando
     def place(g: int, s: int) -> None:
         split_of[g] = s
         assigned[s] += group_counts[g]
+
+    if fixed is not None:  # the source's own split comes first; the rest is balanced around it
+        for g in np.flatnonzero(fixed >= 0):
+            place(int(g), int(fixed[g]))
 
     groups_per_class = (group_counts > 0).sum(axis=0)
     for k in np.argsort(groups_per_class, kind="stable"):

@@ -113,8 +113,13 @@ def read_manifest(manifest_path: Path) -> pd.DataFrame:
 
 
 def validate_labels(manifest_path: Path, labels_dir: Path, cfg: ValidateLabelsParams,
-                    classes: tuple[str, ...]) -> ValidateResult:
-    """Classify every manifest row, resolve duplicates, write clean.parquet, review.csv and the agreement files."""
+                    classes: tuple[str, ...], require_every_class: bool = True) -> ValidateResult:
+    """Classify every manifest row, resolve duplicates, write clean.parquet, review.csv and the agreement files.
+
+    A configured class left with no image (or no image at all) fails the stage after the
+    files are written: training on it would be silently wrong (require_every_class=False
+    only for tests of the review logic on tiny fixtures).
+    """
     started = time.perf_counter()
     manifest = read_manifest(manifest_path)
     has_phash = manifest["phash"].notna().any()
@@ -174,6 +179,14 @@ def validate_labels(manifest_path: Path, labels_dir: Path, cfg: ValidateLabelsPa
                             seconds=time.perf_counter() - started)
     (labels_dir / "summary.json").write_text(json.dumps(
         {k: v for k, v in result.summary().items() if k != "seconds"}, indent=2) + "\n")
+    empty = [c for c in classes if result.class_counts.get(c, 0) == 0]
+    if empty and require_every_class:
+        what = "no image at all" if len(clean) == 0 else f"no image of class(es) {', '.join(empty)}"
+        top = ", ".join(f"{k} {v}" for k, v in sorted(problems.items(), key=lambda kv: -kv[1])[:5]) or "none"
+        raise LabelValidationError(
+            f"{manifest_path}: label validation kept {what} (base.classes: {', '.join(classes)}); "
+            f"{len(clean)} clean image(s) in all, review reasons: {top}. Check the reader, the label "
+            f"synonyms and the review list {review_path}")
     blocking = [r for r in review if r.reason not in INFO_REASONS]
     if cfg.on_error == "fail" and blocking:
         lines = "\n".join(f"  {r.reason}: {r.item} ({r.path or '-'}) {r.detail}" for r in blocking[:20])

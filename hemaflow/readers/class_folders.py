@@ -21,12 +21,14 @@ def class_root(raw_dir: Path) -> Path:
     return raw_dir / "images" if (raw_dir / "images").is_dir() else raw_dir
 
 
-def list_class_files(base: Path) -> list[tuple[str, os.DirEntry]]:
-    """(class name, file entry) for every file one level below base, sorted by path."""
-    out = []
+def list_class_files(base: Path) -> list[tuple[str, os.DirEntry | None]]:
+    """(class name, file entry) for every file one level below base, sorted by path;
+    (class name, None) for a class folder holding no file."""
+    out: list[tuple[str, os.DirEntry | None]] = []
     for cls in sorted(os.scandir(base), key=lambda e: e.name):
         if cls.is_dir():
-            out.extend((cls.name, f) for f in sorted(os.scandir(cls.path), key=lambda e: e.name) if f.is_file())
+            files = [(cls.name, f) for f in sorted(os.scandir(cls.path), key=lambda e: e.name) if f.is_file()]
+            out.extend(files or [(cls.name, None)])
     return out
 
 
@@ -39,6 +41,10 @@ def scan(raw_dir: Path, cfg: IngestParams) -> Scan:
 
     def items():
         for cls, entry in files:
+            if entry is None:  # reported, so an empty class is never a silent zero
+                yield SourceItem(image_id=cls, path=None, source=NAME, label_raw=cls,
+                                 error=f"empty_class_folder: {prefix}{cls}/ holds no file")
+                continue
             p = Path(entry.path)
             error = guard.error(p, is_symlink=entry.is_symlink())
             yield SourceItem(image_id=f"{cls}/{os.path.splitext(entry.name)[0]}", path=f"{prefix}{cls}/{entry.name}",

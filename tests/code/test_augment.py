@@ -8,7 +8,7 @@ from hemaflow.config import AugmentParams
 from hemaflow.contact_sheet import fit_tile
 from hemaflow.errors import StageInputError
 from hemaflow.schema import CROP_COLUMNS
-from tasks.augment import augment_dataset, augment_image, plan_augmentation
+from hemaflow.tasks.augment import augment_dataset, augment_image, plan_augmentation
 
 CFG = AugmentParams(target_per_class=6)
 

@@ -13,7 +13,7 @@ from scipy import stats
 from hemaflow.config import CheckQualityParams
 from hemaflow.errors import StageInputError
 from hemaflow.schema import DATASET_COLUMNS
-from tasks.check_quality import QualityGateError, check_quality
+from hemaflow.tasks.check_quality import QualityGateError, check_quality
 
 CLASSES = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
 ORIGINALS = {"train": [30, 20, 10, 8, 6], "val": [9, 7, 4, 3, 3], "test": [9, 7, 4, 3, 3]}

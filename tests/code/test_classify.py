@@ -36,7 +36,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def test_every_cell_found_labelled_and_counted(smears, model_dir, tmp_path):
-    from tasks.classify import classify_smears
+    from hemaflow.tasks.classify import classify_smears
 
     (smears / "fields" / "notes.txt").write_text("not an image")  # ignored: not an image suffix
     res = classify_smears(model_dir, [smears / "fields"], tmp_path, Params())
@@ -52,7 +52,7 @@ def test_every_cell_found_labelled_and_counted(smears, model_dir, tmp_path):
 
 
 def test_unreadable_image_goes_to_review(smears, model_dir, tmp_path):
-    from tasks.classify import classify_smears
+    from hemaflow.tasks.classify import classify_smears
 
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
@@ -63,7 +63,7 @@ def test_unreadable_image_goes_to_review(smears, model_dir, tmp_path):
 
 
 def test_missing_model_file_is_named(tmp_path, smears):
-    from tasks.classify import classify_smears
+    from hemaflow.tasks.classify import classify_smears
 
     (tmp_path / "labels.json").write_text("[]")
     with pytest.raises(StageInputError, match="model.keras"):

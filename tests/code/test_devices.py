@@ -53,7 +53,7 @@ TRAIN_ON_TWO_CPUS = """
 import json, sys
 from pathlib import Path
 from hemaflow.config import TrainParams
-from tasks.train import train_model
+from hemaflow.tasks.train import train_model
 from tests.code.synthetic_wbc import CLASSES, write_dataset
 root = Path(sys.argv[1])
 write_dataset(root / "data", {"train": 3, "val": 1})

@@ -15,8 +15,8 @@ import tensorflow as tf
 
 from hemaflow.config import EvaluateParams, TrainParams
 from hemaflow.errors import StageInputError
-from tasks.evaluate import PREDICTION_COLUMNS, evaluate_model, score_predictions
-from tasks.train import load_image, train_model
+from hemaflow.tasks.evaluate import PREDICTION_COLUMNS, evaluate_model, score_predictions
+from hemaflow.tasks.train import load_image, train_model
 from tests.code.synthetic_wbc import CLASSES, write_dataset
 
 TEST_CFG = EvaluateParams(split="test")

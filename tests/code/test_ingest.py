@@ -7,7 +7,7 @@ import pytest
 
 from hemaflow.config import IngestParams
 from hemaflow.errors import StageInputError
-from tasks.ingest import describe_image, ingest, read_labels_csv
+from hemaflow.tasks.ingest import describe_image, ingest, read_labels_csv
 
 CFG = IngestParams()
 

@@ -79,7 +79,7 @@ def test_saved_model_reloads_without_custom_objects(tmp_path):
 def test_train_param_online_augmentation_reaches_the_saved_model(tmp_path, online):
     """params.yaml train.online_augmentation -> train_model -> the saved model.keras."""
     from hemaflow.config import TrainParams
-    from tasks.train import train_model
+    from hemaflow.tasks.train import train_model
     from tests.code.synthetic_wbc import CLASSES, write_dataset
 
     write_dataset(tmp_path / "data", {"train": 2, "val": 1}, size=32)

@@ -10,7 +10,7 @@ import pytest
 from hemaflow.config import PromoteParams
 from hemaflow.errors import StageInputError
 from hemaflow.store import open_store, sha256_file
-from tasks.promote import promote_model
+from hemaflow.tasks.promote import promote_model
 from tests.fixtures.s3 import s3_server  # noqa: F401  (session fixture)
 
 

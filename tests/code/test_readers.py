@@ -6,13 +6,16 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from pathlib import Path
+
+from hemaflow.errors import SourceReadError, is_transient
 
 from hemaflow.config import IngestParams
 from hemaflow.imageio import jpeg_frame, parse_npz_path, read_image
 from hemaflow.readers import detect_reader
 from hemaflow.readers.labels_csv import read_labels_csv
 from hemaflow.readers.npz import NpzArchive
-from tasks.ingest import ingest
+from hemaflow.tasks.ingest import ingest
 
 CFG = IngestParams()
 BLOOD = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet")
@@ -191,7 +194,8 @@ def test_read_image_files_and_paths(tmp_path):
     img = read_image(tmp_path, "a/x.jpg")
     assert img.shape == (10, 12, 3) and np.array_equal(img, cv2.imread(str(tmp_path / "a" / "x.jpg")))
     assert read_image(tmp_path, "g.png").shape == (6, 7, 3)
-    assert read_image(tmp_path, "missing.jpg") is None
+    with pytest.raises(SourceReadError, match="missing.jpg: cannot read the file"):
+        read_image(tmp_path, "missing.jpg")  # a listed file that vanished is an error, not bad content
     assert read_image(tmp_path / "a", "../g.png") is None  # outside the data folder
     assert parse_npz_path("bloodmnist.npz::val/00012") == ("bloodmnist.npz", "val", 12)
     assert parse_npz_path("a/x.jpg") is None
@@ -203,3 +207,34 @@ def test_jpeg_frame_header(tmp_path):
     assert jpeg_frame((tmp_path / "c.jpg").read_bytes()) == (41, 30, 3)
     assert jpeg_frame((tmp_path / "g.jpg").read_bytes()) == (9, 5, 1)
     assert jpeg_frame(b"\xff\xd8\xff\xda\x00\x02") is None
+
+
+# --- fail fast: a read failure is not a decode failure ---
+
+def test_read_failure_is_an_error_not_unreadable(tmp_path):
+    (tmp_path / "dir.jpg").mkdir()  # a real OSError (IsADirectoryError) on read
+    with pytest.raises(SourceReadError, match="dir.jpg: cannot read the file") as err:
+        read_image(tmp_path, "dir.jpg")
+    assert not is_transient(err.value), "a deterministic read failure is not retried"
+
+
+def test_io_error_on_a_mount_is_transient_and_stops_ingest(tmp_path, monkeypatch):
+    import errno
+
+    from hemaflow.config import IngestParams
+    from hemaflow.tasks.ingest import ingest
+
+    for i in range(3):
+        _img(tmp_path / "raw" / "images" / "neutrophil" / f"n{i}.jpg", size=(20, 20))
+    real_read = Path.read_bytes
+
+    def flaky(self):
+        if self.name == "n1.jpg":
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", flaky)
+    with pytest.raises(SourceReadError, match="n1.jpg: cannot read the file .Input/output error.") as err:
+        ingest(tmp_path / "raw", tmp_path / "manifest.parquet", IngestParams(reader="class_folders"))
+    assert is_transient(err.value), "EIO on a network mount may pass: the flow retries it"
+    assert not (tmp_path / "manifest.parquet").exists(), "no manifest that silently lacks the image"

@@ -16,8 +16,8 @@ from hemaflow.config import SegmentParams
 from hemaflow.errors import StageInputError
 from hemaflow.schema import CLEAN_COLUMNS, CROP_COLUMNS
 from hemaflow.synthetic import CLASSES, render_field
-from tasks.segment import crop_cell, find_white_cells, segment_images, segment_rows
-from tasks.segment_eval import evaluate_segmentation, score_boxes
+from hemaflow.tasks.segment import crop_cell, find_white_cells, segment_images, segment_rows
+from hemaflow.tasks.segment_eval import evaluate_segmentation, score_boxes
 
 # the embedded synthetic fields are what the optical-density method was tuned on (params.yaml
 # selects it for them); the colour method (the default, for real smears) is tested further down
@@ -141,9 +141,9 @@ def test_crop_near_the_border_is_padded_white():
 
 # --- stage ---
 
-def _clean_row(image_id: str, rel: str | None, label: str) -> dict:
+def _clean_row(image_id: str, rel: str | None, label: str, source: str = "voc_fields") -> dict:
     row = dict.fromkeys(CLEAN_COLUMNS)
-    row.update(image_id=image_id, path=rel, sha256="0" * 64, source="test", boxes="[]", label=label,
+    row.update(image_id=image_id, path=rel, sha256="0" * 64, source=source, boxes="[]", label=label,
                label_raw=label.upper())
     return row
 
@@ -189,7 +189,9 @@ def test_segment_images_writes_crops_table_and_review(stage_inputs, tmp_path):
         "B": "no_cell_found", "C_c0": "cell_cut_by_border", "D": "unreadable_image"}
     assert set(review["stage"]) == {"segment"}
     assert result.summary() == {"images": 4, "crops": 2, "flagged_total": 3, "flagged": {
-        "no_cell_found": 1, "cell_cut_by_border": 1, "implausible_area": 0, "unreadable_image": 1}}
+        "no_cell_found": 1, "cell_cut_by_border": 1, "implausible_area": 0, "unreadable_image": 1,
+        "secondary_cell": 0, "centre_crop_fallback": 0},
+        "crop yield": "basophil 0/1, eosinophil 2/1, monocyte 0/2"}
     assert seen[0] == (0, 4) and seen[-1] == (4, 4)
 
 

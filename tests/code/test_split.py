@@ -11,7 +11,7 @@ import pytest
 from hemaflow.config import SplitParams
 from hemaflow.errors import StageInputError
 from hemaflow.schema import CROP_COLUMNS
-from tasks.split import SPLITS, split_crops
+from hemaflow.tasks.split import SPLITS, split_crops
 
 SHARES = {"neutrophil": 0.5, "lymphocyte": 0.25, "monocyte": 0.12, "eosinophil": 0.1, "basophil": 0.03}
 

@@ -13,7 +13,7 @@ import pytest
 
 from hemaflow.config import TrainParams
 from hemaflow.errors import StageInputError
-from tasks.train import load_image, replica_batch_size, train_model
+from hemaflow.tasks.train import load_image, replica_batch_size, train_model
 from tests.code.synthetic_wbc import CLASSES, write_dataset
 
 CFG = TrainParams(image_size=32, epochs=8, batch_size=8, learning_rate=0.003, patience=4)

@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -7,7 +9,13 @@ from hemaflow.config import ValidateLabelsParams
 from hemaflow.errors import StageInputError
 from hemaflow.schema import CLEAN_COLUMNS, MANIFEST_COLUMNS
 from hemaflow.taxonomy import Taxonomy
-from tasks.validate_labels import LabelValidationError, validate_labels
+from hemaflow.tasks.validate_labels import LabelValidationError
+from hemaflow.tasks.validate_labels import validate_labels as validate_labels_strict
+
+
+def validate_labels(*args, **kwargs):
+    """The review-logic tests use tiny fixtures that leave some configured classes empty."""
+    return validate_labels_strict(*args, require_every_class=False, **kwargs)
 
 CLASSES = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
 CFG = ValidateLabelsParams(synonyms={"neutrophil": ("sne", "bne", "seg")})
@@ -253,7 +261,7 @@ def test_generated_class_folders_through_ingest(tmp_path):
     _jpeg(raw / "megakaryocyte" / "MK_0.jpg", 30)
     before = {p: p.read_bytes() for p in raw.rglob("*") if p.is_file()}
 
-    from tasks.ingest import ingest
+    from hemaflow.tasks.ingest import ingest
     manifest_path = tmp_path / "manifest.parquet"
     ingest(tmp_path / "raw", manifest_path, IngestParams(reader="class_folders"))
     manifest = pd.read_parquet(manifest_path)
@@ -270,3 +278,34 @@ def test_generated_class_folders_through_ingest(tmp_path):
     assert by_file["MK_0.jpg"] == "unknown_class"
     assert res.class_counts == {"neutrophil": 4, "lymphocyte": 4, "monocyte": 0, "eosinophil": 0, "basophil": 0}
     assert {p: p.read_bytes() for p in raw.rglob("*") if p.is_file()} == before  # raw files untouched
+
+
+# --- a configured class left empty fails the run (fail fast, name the classes) ---
+
+def test_empty_configured_class_fails_naming_it(manifest, tmp_path):
+    with pytest.raises(LabelValidationError, match=r"no image of class\(es\) eosinophil, basophil") as err:
+        validate_labels_strict(manifest, tmp_path / "labels", CFG, CLASSES)
+    assert "manifest.parquet" in str(err.value) and "review.csv" in str(err.value)
+    assert (tmp_path / "labels" / "review.csv").is_file(), "the review list is still written"
+
+
+def test_no_image_at_all_fails(tmp_path):
+    rows = [_row("x", "megakaryocyte"), _row("y", "")]
+    with pytest.raises(LabelValidationError, match="kept no image at all"):
+        validate_labels_strict(_write(rows, tmp_path), tmp_path / "labels", CFG, CLASSES)
+
+
+def test_empty_class_folder_is_reported(tmp_path):
+    from hemaflow.config import IngestParams
+    from hemaflow.tasks.ingest import ingest
+
+    raw = tmp_path / "raw" / "images"
+    for cls in ("neutrophil", "lymphocyte"):
+        (raw / cls).mkdir(parents=True)
+    cv2.imwrite(str(raw / "neutrophil" / "n1.png"), np.full((40, 40, 3), 200, np.uint8))
+    ingest(tmp_path / "raw", tmp_path / "manifest.parquet", IngestParams(reader="class_folders"))
+    with pytest.raises(LabelValidationError, match=r"no image of class\(es\) lymphocyte"):
+        validate_labels_strict(tmp_path / "manifest.parquet", tmp_path / "labels", CFG, ("neutrophil", "lymphocyte"))
+    review = pd.read_csv(tmp_path / "labels" / "review.csv")
+    row = review[review["reason"] == "empty_class_folder"]
+    assert len(row) == 1 and "lymphocyte/ holds no file" in row["detail"].iloc[0]

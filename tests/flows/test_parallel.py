@@ -1,6 +1,6 @@
 """Batched stages: the serial CLI path and the Prefect flow on Dask write identical files.
 
-The reference is the serial path (hemaflow.stages.run_stage, as `dvc repro` runs it) on a
+The reference is the serial path (hemaflow.tasks.stages.run_stage, as `dvc repro` runs it) on a
 small generated dataset; the flow path runs the same stages as subflows whose batches are
 Prefect tasks on a real Dask cluster: a local one of 2 worker processes started by the
 task runner, or one started here and reached through parallel.dask_address.
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from hemaflow.config import load_params
-from hemaflow.stages import run_stage
+from hemaflow.tasks.stages import run_stage
 from tests.flows.conftest import ROOT, read_artifacts, task_run_names
 
 # several batches per stage, so batching and result order are exercised
@@ -92,7 +92,7 @@ def _progress(key: str) -> float:
 
 @pytest.mark.slow
 def test_flow_on_local_dask_cluster_matches_serial(serial, tmp_path, prefect_harness):
-    from flows.training import run_batched_stage
+    from hemaflow.flows.training import run_batched_stage
 
     params_path = _clone_upstream(serial, tmp_path)  # dask_address null: the runner starts 2 local workers
     before = len(task_run_names("segment-batch-"))
@@ -110,8 +110,8 @@ def test_flow_on_local_dask_cluster_matches_serial(serial, tmp_path, prefect_har
 
 @pytest.mark.slow
 def test_flow_on_scheduler_address_matches_serial(serial, tmp_path, prefect_harness):
-    from flows.parallel import local_cluster
-    from flows.training import run_batched_stage
+    from hemaflow.flows.parallel import local_cluster
+    from hemaflow.flows.training import run_batched_stage
 
     # a cluster that is not the runner's own (local_cluster: a LocalCluster that leaves os.environ alone)
     with local_cluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:

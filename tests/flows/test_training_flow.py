@@ -24,7 +24,7 @@ def _artifact_keys() -> set[str]:
 
 
 def test_flow_runs_every_stage_then_skips_then_reruns_downstream(project, prefect_harness):
-    from flows.training import training_pipeline
+    from hemaflow.flows.training import training_pipeline
 
     batches_before = {s: len(task_run_names(f"{s}-batch-")) for s in ("segment", "augment")}
     first = training_pipeline(params_path=str(project / "params.yaml"))

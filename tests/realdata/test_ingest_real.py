@@ -14,7 +14,7 @@ import pytest
 
 from hemaflow.config import IngestParams
 from hemaflow.imageio import read_image
-from tasks.ingest import ingest
+from hemaflow.tasks.ingest import ingest
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 

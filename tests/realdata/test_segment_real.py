@@ -17,8 +17,8 @@ import pytest
 from hemaflow.boxes import iou
 from hemaflow.config import SegmentParams
 from hemaflow.voc import read_voc_boxes
-from tasks.segment import find_white_cells
-from tasks.segment_eval import field_contact_sheet, score_boxes
+from hemaflow.tasks.segment import find_white_cells
+from hemaflow.tasks.segment_eval import field_contact_sheet, score_boxes
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 CFG = SegmentParams(method="colour")  # the real-stain detector with its BCCD-fitted defaults

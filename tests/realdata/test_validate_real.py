@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from hemaflow.config import IngestParams, load_params
-from tasks.ingest import ingest
-from tasks.validate_labels import validate_labels
+from hemaflow.tasks.ingest import ingest
+from hemaflow.tasks.validate_labels import validate_labels
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 

@@ -1,7 +1,7 @@
 """`hemaflow` command line: the whole pipeline (`run`), each stage, data generation, model pull.
 
 dvc.yaml calls the stage commands, so `dvc repro`, the CLI and the Prefect flow run the same
-code through hemaflow.stages.run_stage. Every path is an option whose default comes from
+code through hemaflow.tasks.stages.run_stage. Every path is an option whose default comes from
 params.yaml.
 """
 
@@ -21,13 +21,13 @@ import click
 
 from hemaflow.config import ConfigError, Params, load_params
 from hemaflow.errors import StageInputError
-from hemaflow.stages import STAGES
+from hemaflow.tasks.stages import STAGES
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or a failed gate: print the message, not a traceback."""
     errs: list[type[BaseException]] = [StageInputError, ConfigError]
-    for mod, name in (("tasks.validate_labels", "LabelValidationError"), ("tasks.check_quality", "QualityGateError")):
+    for mod, name in (("hemaflow.tasks.validate_labels", "LabelValidationError"), ("hemaflow.tasks.check_quality", "QualityGateError")):
         m = sys.modules.get(mod)
         if m is not None and hasattr(m, name):
             errs.append(getattr(m, name))
@@ -67,7 +67,7 @@ def run(params_path: Path, force: bool) -> None:
     With the project's params.yaml, stages DVC reports up to date are skipped and the
     stages that run are recorded in dvc.lock. Another params file runs every stage.
     """
-    from flows.training import training_pipeline
+    from hemaflow.flows.training import training_pipeline
 
     try:
         summary = training_pipeline(params_path=str(params_path.resolve()), force=force)
@@ -104,7 +104,7 @@ def serve(params_path: Path) -> None:
     """
     from prefect import serve as prefect_serve
 
-    from flows.schedules import retraining_deployments
+    from hemaflow.flows.schedules import retraining_deployments
 
     try:
         deployments = retraining_deployments(params_path)
@@ -123,7 +123,7 @@ def serve(params_path: Path) -> None:
 def classify(images: tuple[Path, ...], model_dir: Path, out_dir: Path, params_path: Path) -> None:
     """Find and classify every white cell in smear images (files or folders); write a differential count."""
     from hemaflow.progress import tqdm_progress
-    from tasks.classify import classify_smears
+    from hemaflow.tasks.classify import classify_smears
 
     fallback = load_params(params_path) if params_path.is_file() else Params()
     result = classify_smears(model_dir, list(images), out_dir, fallback, progress=tqdm_progress("classify"))
@@ -136,7 +136,7 @@ def classify(images: tuple[Path, ...], model_dir: Path, out_dir: Path, params_pa
 @_fail_cleanly
 def data_status(params_path: Path) -> None:
     """Say whether the versioned raw data (data.dvc) differs from what the pipeline last ran on."""
-    from flows.schedules import data_change
+    from hemaflow.flows.schedules import data_change
 
     status = data_change(params_path.resolve().parent, load_params(params_path))
     click.echo(json.dumps(status, indent=2))
@@ -178,7 +178,7 @@ def _stage_command(name: str):
     @_fail_cleanly
     def command(params_path: Path, **paths: Path | None) -> None:
         from hemaflow.progress import tqdm_progress
-        from hemaflow.stages import run_stage
+        from hemaflow.tasks.stages import run_stage
 
         params = load_params(params_path)
         root = params_path.resolve().parent

@@ -62,51 +62,51 @@ def run_stage(name: str, params: Params, root: Path, overrides: dict[str, Path] 
 
 
 def _ingest(p: Params, d: PathParams, progress):
-    from tasks.ingest import ingest
+    from hemaflow.tasks.ingest import ingest
     return ingest(d.raw_dir, d.manifest_path, p.ingest, progress)
 
 
 def _validate_labels(p: Params, d: PathParams, progress):
-    from tasks.validate_labels import validate_labels
+    from hemaflow.tasks.validate_labels import validate_labels
     return validate_labels(d.manifest_path, d.labels_dir, p.validate_labels, p.base.classes)
 
 
 def _segment(p: Params, d: PathParams, progress, batch_runner: BatchRunner | None = None):
-    from tasks.segment import segment_images
+    from hemaflow.tasks.segment import segment_images
     return segment_images(d.labels_dir / "clean.parquet", d.raw_dir, d.crops_dir, p.segment, progress,
                           batch_size=p.parallel.batch_size, run_batches=batch_runner)
 
 
 def _split(p: Params, d: PathParams, progress):
-    from tasks.split import split_crops
+    from hemaflow.tasks.split import split_crops
     return split_crops(d.crops_dir / "crops.parquet", d.split_path, p.split, p.base.seed,
                        clean_path=d.labels_dir / "clean.parquet")
 
 
 def _augment(p: Params, d: PathParams, progress, batch_runner: BatchRunner | None = None):
-    from tasks.augment import augment_dataset
+    from hemaflow.tasks.augment import augment_dataset
     return augment_dataset(d.split_path, d.crops_dir, d.augmented_dir, p.augment, p.base.seed, progress,
                            batch_size=p.parallel.augment_batch_size, run_batches=batch_runner)
 
 
 def _check_quality(p: Params, d: PathParams, progress):
-    from tasks.check_quality import check_quality
+    from hemaflow.tasks.check_quality import check_quality
     return check_quality(d.augmented_dir / "dataset.parquet", d.quality_dir, p.check_quality, p.base.classes,
                          clean_path=d.labels_dir / "clean.parquet")
 
 
 def _train(p: Params, d: PathParams, progress):
-    from tasks.train import train_model
+    from hemaflow.tasks.train import train_model
     return train_model(d.augmented_dir, d.model_dir, p.train, p.base.classes, p.base.seed, progress)
 
 
 def _evaluate(p: Params, d: PathParams, progress):
-    from tasks.evaluate import evaluate_model
+    from hemaflow.tasks.evaluate import evaluate_model
     return evaluate_model(d.model_dir, d.augmented_dir, d.eval_dir, p.evaluate)
 
 
 def _promote(p: Params, d: PathParams, progress):
-    from tasks.promote import promote_model
+    from hemaflow.tasks.promote import promote_model
     return promote_model(d.model_dir, d.eval_dir, d.promotion_path, p.promote, params=p.model_dump(mode="json"))
 
 
