@@ -20,13 +20,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import click
 
 from hemaflow.config import ConfigError, Params, load_params
-from hemaflow.errors import StageInputError
+from hemaflow.errors import SourceReadError, StageInputError
 from hemaflow.tasks.stages import STAGES
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or a failed gate: print the message, not a traceback."""
-    errs: list[type[BaseException]] = [StageInputError, ConfigError]
+    errs: list[type[BaseException]] = [StageInputError, ConfigError, SourceReadError]
     for mod, name in (("hemaflow.tasks.validate_labels", "LabelValidationError"), ("hemaflow.tasks.check_quality", "QualityGateError")):
         m = sys.modules.get(mod)
         if m is not None and hasattr(m, name):

@@ -146,8 +146,11 @@ class ParallelParams(_Frozen):
     dask_address: str | None = None   # scheduler, e.g. tcp://host:8786; None: a local cluster per stage run
     n_workers: int = Field(2, ge=1)   # local cluster worker processes
     threads_per_worker: int = Field(1, ge=1)
-    batch_size: int = Field(16, ge=1)  # fields per segment task
-    augment_batch_size: int = Field(128, ge=1)  # augmented images per augment task
+    # Batches are sized by work: each task carries about task_seconds of estimated work on one
+    # core (Prefect costs ~0.3 s a task, so tiny tasks made the flow slower than serial).
+    task_seconds: float = Field(4.0, gt=0)
+    batch_size: int | None = Field(None, ge=1)          # fixed images per segment task instead (None: by work)
+    augment_batch_size: int | None = Field(None, ge=1)  # fixed variants per augment task instead (None: by work)
 
 
 class CheckQualityParams(_Frozen):

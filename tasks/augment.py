@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from hemaflow.batches import BatchRunner, run_serial, split_batches
+from hemaflow.batches import BatchRunner, run_serial, split_batches, work_batches
 from hemaflow.config import AugmentParams
 from hemaflow.contact_sheet import save_grid
 from hemaflow.errors import OutputWriteError, StageInputError, read_table, write_image
@@ -26,6 +26,7 @@ from hemaflow.imageio import safe_relpath
 from hemaflow.progress import Progress
 from hemaflow.schema import CROP_COLUMNS, DATASET_COLUMNS
 
+SECONDS_PER_VARIANT = 0.002  # decode + warp + colour + PNG write of one 96 px crop, one core (sizes batches)
 SHEET_SOURCES_PER_CLASS = 2  # contact sheet: train crops shown per class ...
 SHEET_VARIANTS = 5           # ... each followed by up to this many of its variants
 
@@ -185,8 +186,9 @@ def write_contact_sheet(ds: pd.DataFrame, augmented_dir: Path, seed: int, per_cl
 
 
 def augment_dataset(split_path: Path, crops_dir: Path, augmented_dir: Path, cfg: AugmentParams, seed: int,
-                    progress: Progress | None = None, batch_size: int = 128,
-                    run_batches: BatchRunner | None = None) -> AugmentResult:
+                    progress: Progress | None = None, batch_size: int | None = None,
+                    run_batches: BatchRunner | None = None, task_seconds: float = 4.0,
+                    n_parallel: int = 1) -> AugmentResult:
     """Stage driver: copy every crop, add balancing variants of train crops, write dataset.parquet + contact sheet.
 
     The variants are made in batches of `batch_size` jobs through `run_batches` (default:
@@ -195,5 +197,7 @@ def augment_dataset(split_path: Path, crops_dir: Path, augmented_dir: Path, cfg:
     rows, jobs = plan_augment(split_path, crops_dir, augmented_dir, cfg)
     batch_fn = functools.partial(augment_batch, crops_dir=Path(crops_dir), augmented_dir=Path(augmented_dir),
                                  cfg=cfg, seed=seed)
-    parts = (run_batches or run_serial)(batch_fn, split_batches(jobs, batch_size), progress)
+    batches = split_batches(jobs, batch_size) if batch_size else \
+        work_batches(jobs, [1.0] * len(jobs), SECONDS_PER_VARIANT, task_seconds, n_parallel)
+    parts = (run_batches or run_serial)(batch_fn, batches, progress)
     return finish_augment(augmented_dir, rows + [r for part in parts for r in part], seed)

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from hemaflow.batches import BatchRunner, run_serial, split_batches
+from hemaflow.batches import BatchRunner, run_serial, split_batches, work_batches
 from hemaflow.config import SegmentParams
 from hemaflow.errors import read_table, write_image
 from hemaflow.imageio import read_image, safe_relpath
@@ -45,6 +45,8 @@ from hemaflow.schema import CLEAN_COLUMNS, CROP_COLUMNS
 STAGE = "segment"
 REASONS = ("no_cell_found", "cell_cut_by_border", "implausible_area", "unreadable_image", "secondary_cell",
            "centre_crop_fallback")
+# measured (benchmarks/segment.py): PBC 663 images/s of 0.13 MP, BCCD 405 fields/s of 0.31 MP, one core
+SECONDS_PER_MEGAPIXEL = 0.012
 # readers whose images are smear fields with many cells; every other reader gives one centred cell per image
 FIELD_SOURCES = frozenset({"voc_fields"})
 
@@ -566,16 +568,22 @@ def finish_segment(n_images: int, parts: list[tuple[list[dict], list[ReviewItem]
 
 
 def segment_images(clean_path: Path, raw_dir: Path, crops_dir: Path, cfg: SegmentParams,
-                   progress: Progress | None = None, batch_size: int = 16,
-                   run_batches: BatchRunner | None = None) -> SegmentResult:
+                   progress: Progress | None = None, batch_size: int | None = None,
+                   run_batches: BatchRunner | None = None, task_seconds: float = 4.0,
+                   n_parallel: int = 1) -> SegmentResult:
     """Stage driver: clean.parquet -> crops_dir/{images/*.png, crops.parquet, review.csv}.
 
-    Plan, then segment_rows on batches of `batch_size` fields through `run_batches`
+    Plan, then segment_rows on batches (about task_seconds of work each, or `batch_size` images) through `run_batches`
     (default: serially in-process; the Prefect flow passes a Dask runner), then finish.
     """
     df = plan_segment(clean_path, crops_dir)
     batch_fn = functools.partial(segment_rows, raw_dir=Path(raw_dir), crops_dir=Path(crops_dir), cfg=cfg)
-    parts = (run_batches or run_serial)(batch_fn, split_batches(df, batch_size), progress)
+    if batch_size:
+        batches = split_batches(df, batch_size)
+    else:  # by work: the pixels of each image (ingest recorded its size)
+        pixels = (df["width"].astype("float64") * df["height"].astype("float64")).fillna(0).to_numpy()
+        batches = work_batches(df, pixels / 1e6, SECONDS_PER_MEGAPIXEL, task_seconds, n_parallel)
+    parts = (run_batches or run_serial)(batch_fn, batches, progress)
     result = finish_segment(len(df), parts, crops_dir, df["label"])
     if df["boxes"].map(lambda b: isinstance(b, str) and b not in ("", "[]")).any():
         from hemaflow.tasks.segment_eval import evaluate_segmentation  # box_eval.json + fields_contact_sheet.png

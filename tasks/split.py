@@ -20,7 +20,7 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from hemaflow.config import SplitParams
+from hemaflow.config import ConfigError, SplitParams
 from hemaflow.errors import StageInputError, read_table, require_file
 from hemaflow.schema import CROP_COLUMNS
 
@@ -174,7 +174,7 @@ def split_fractions(cfg: SplitParams) -> np.ndarray:
     """(train, val, test) shares of the data, in SPLITS order."""
     train = 1.0 - cfg.val_size - cfg.test_size
     if train <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"split: val_size {cfg.val_size} + test_size {cfg.test_size} leave nothing for train"
         )
     return np.array([train, cfg.val_size, cfg.test_size])

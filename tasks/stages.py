@@ -74,7 +74,8 @@ def _validate_labels(p: Params, d: PathParams, progress):
 def _segment(p: Params, d: PathParams, progress, batch_runner: BatchRunner | None = None):
     from hemaflow.tasks.segment import segment_images
     return segment_images(d.labels_dir / "clean.parquet", d.raw_dir, d.crops_dir, p.segment, progress,
-                          batch_size=p.parallel.batch_size, run_batches=batch_runner)
+                          batch_size=p.parallel.batch_size, run_batches=batch_runner,
+                          task_seconds=p.parallel.task_seconds, n_parallel=p.parallel.n_workers)
 
 
 def _split(p: Params, d: PathParams, progress):
@@ -86,7 +87,8 @@ def _split(p: Params, d: PathParams, progress):
 def _augment(p: Params, d: PathParams, progress, batch_runner: BatchRunner | None = None):
     from hemaflow.tasks.augment import augment_dataset
     return augment_dataset(d.split_path, d.crops_dir, d.augmented_dir, p.augment, p.base.seed, progress,
-                           batch_size=p.parallel.augment_batch_size, run_batches=batch_runner)
+                           batch_size=p.parallel.augment_batch_size, run_batches=batch_runner,
+                           task_seconds=p.parallel.task_seconds, n_parallel=p.parallel.n_workers)
 
 
 def _check_quality(p: Params, d: PathParams, progress):
