@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -29,8 +28,7 @@ from urllib.parse import urlparse
 
 from hemaflow.progress import Progress
 
-MODEL_FILE = "model.keras"
-CARD_FILE = "card.json"
+from hemaflow.model_folder import CARD_FILE, MODEL_FILE, sha256_file  # noqa: E402,F401  (re-exported)
 LATEST_FILE = "latest.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TAG_RE = re.compile(r"^v(\d{4,})$")
@@ -85,14 +83,6 @@ def parse_version(spec: str | int) -> int | None:
     if number < 1:
         raise ValueError(f"versions start at 1, got {spec!r}")
     return number
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_name(name: str) -> str:

@@ -9,7 +9,6 @@ differential count per image, the figure a haematologist reads.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from hemaflow.config import Params
-from hemaflow.errors import StageInputError, require_dir, require_file
+from hemaflow.errors import StageInputError
+from hemaflow.model_folder import open_model_folder
 from hemaflow.progress import Progress, track
 from hemaflow.review import ReviewItem, write_review
 from hemaflow.tasks.segment import crop_cell, find_white_cells
@@ -45,27 +45,14 @@ class ClassifyResult:
 
 
 def load_model_dir(model_dir: Path, fallback: Params) -> tuple[object, tuple[str, ...], Params]:
-    """Model, class names and the params it was trained with (card.json, else `fallback`)."""
-    import keras
-
-    model_dir = require_dir(model_dir, "model folder")
-    model_path = require_file(model_dir / "model.keras", "Keras model")
-    labels_path = require_file(model_dir / "labels.json", "class names of the model")
-    try:
-        classes = tuple(json.loads(labels_path.read_text()))
-    except ValueError as exc:
-        raise StageInputError(labels_path, f"not valid JSON ({exc})") from exc
+    """Model, class names and the params it was trained with (card.json, else `fallback`);
+    opened and sha256-checked by hemaflow.model_folder."""
+    folder = open_model_folder(model_dir)
     params = fallback
-    card = model_dir / "card.json"
-    if card.is_file():
-        trained = json.loads(card.read_text()).get("params")
-        if trained:
-            params = Params.model_validate(trained)
-    try:
-        model = keras.models.load_model(model_path, compile=False)
-    except Exception as exc:
-        raise StageInputError(model_path, f"cannot load the Keras model ({exc})") from exc
-    return model, classes, params
+    trained = (folder.card or {}).get("params")
+    if trained:
+        params = Params.model_validate(trained)
+    return folder.load(), folder.classes, params
 
 
 def list_images(inputs: list[Path]) -> list[Path]:

@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 
 from hemaflow.config import EvaluateParams
-from hemaflow.errors import StageInputError, require_file
-from hemaflow.tasks.train import LABELS_FILE, MODEL_FILE, find_unreadable, make_image_dataset, prepare_output_dir, read_dataset
+from hemaflow.errors import StageInputError
+from hemaflow.model_folder import LABELS_FILE, open_model_folder, read_classes
+from hemaflow.tasks.train import find_unreadable, make_image_dataset, prepare_output_dir, read_dataset
 
 PREDICTION_COLUMNS = ("path", "label", "predicted", "confidence")
 
@@ -49,15 +50,8 @@ class EvalResult:
 
 
 def load_classes(labels_path: Path) -> tuple[str, ...]:
-    """labels.json written by train: a JSON list of class names in output order."""
-    require_file(labels_path, "class labels file")
-    try:
-        classes = json.loads(labels_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise StageInputError(labels_path, f"not valid JSON: {exc}") from exc
-    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
-        raise StageInputError(labels_path, "expected a JSON list of at least two class names")
-    return tuple(classes)
+    """labels.json written by train (see hemaflow.model_folder.read_classes)."""
+    return read_classes(labels_path)
 
 
 def score_predictions(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> tuple[dict, dict, np.ndarray]:
@@ -81,25 +75,18 @@ def evaluate_model(model_dir: Path, dataset_dir: Path, eval_dir: Path, cfg: Eval
     """Predict cfg.split with model_dir/model.keras; write metrics.json, confusion_matrix.png,
     confusion.csv and predictions.csv into eval_dir."""
     model_dir, dataset_dir, eval_dir = Path(model_dir), Path(dataset_dir), Path(eval_dir)
-    model_path = require_file(model_dir / MODEL_FILE, "trained model")
-    classes = load_classes(model_dir / LABELS_FILE)
+    folder = open_model_folder(model_dir)
+    classes = folder.classes
     dataset_path = dataset_dir / "dataset.parquet"
     df = read_dataset(dataset_path, classes, classes_from=f"the model's {LABELS_FILE}")
     part = df[df["split"] == cfg.split].reset_index(drop=True)
     if part.empty:
         raise StageInputError(dataset_path, f"no rows with split == '{cfg.split}' to evaluate")
 
-    import keras
     import tensorflow as tf
 
-    try:
-        model = keras.models.load_model(model_path)
-    except Exception as exc:  # a truncated or foreign file fails in many ways
-        raise StageInputError(model_path, f"cannot be loaded as a Keras model: {exc}") from exc
-    n_out = model.output_shape[-1]
-    if n_out != len(classes):
-        raise StageInputError(model_dir / LABELS_FILE, f"lists {len(classes)} classes but the model outputs {n_out}")
-    image_size = int(model.input_shape[1])
+    model = folder.load()
+    image_size = folder.image_size
 
     index = {c: i for i, c in enumerate(classes)}
     paths = [str(dataset_dir / p) for p in part["path"]]

@@ -18,7 +18,8 @@ from typing import Any
 from hemaflow.config import PromoteParams
 from hemaflow.errors import StageInputError, require_file
 from hemaflow.progress import Progress
-from hemaflow.store import open_store, sha256_file
+from hemaflow.model_folder import open_model_folder
+from hemaflow.store import open_store
 
 REQUIRED_METRICS = ("accuracy", "balanced_accuracy", "per_class")
 
@@ -96,18 +97,11 @@ def promote_model(model_dir: Path, eval_dir: Path, promotion_path: Path, cfg: Pr
     the promote block. source_commit: defaults to the git HEAD holding model_dir.
     """
     model_dir, eval_dir, promotion_path = Path(model_dir), Path(eval_dir), Path(promotion_path)
-    model_path = require_file(model_dir / "model.keras", "trained model")
-    labels_path = require_file(model_dir / "labels.json", "class labels")
+    folder = open_model_folder(model_dir)
+    model_path, labels_path = folder.model_path, folder.labels_path
     metrics_path = eval_dir / "metrics.json"
     metrics = read_metrics(metrics_path)
-    if model_path.stat().st_size == 0:
-        raise StageInputError(model_path, "model file is empty")
-    try:
-        json.loads(labels_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise StageInputError(labels_path, f"not valid JSON: {exc}") from exc
-
-    sha = sha256_file(model_path)
+    sha = folder.sha256
     summary = summarize_metrics(metrics)
     base = dict(model_name=cfg.model_name, store_url=cfg.store_url, sha256=sha,
                 min_balanced_accuracy=cfg.min_balanced_accuracy, metrics=summary)

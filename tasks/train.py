@@ -22,12 +22,11 @@ import pandas as pd
 
 from hemaflow.config import TrainParams
 from hemaflow.errors import StageInputError, read_table
+from hemaflow.model_folder import LABELS_FILE, MODEL_FILE
 from hemaflow.progress import Progress
 from hemaflow.schema import DATASET_COLUMNS
 
 SPLITS = ("train", "val", "test")
-MODEL_FILE = "model.keras"
-LABELS_FILE = "labels.json"
 
 
 @dataclass
