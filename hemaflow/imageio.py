@@ -79,7 +79,11 @@ DEFAULT_MAX_FILE_BYTES = 256 * 2**20
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the image header without decoding pixels; None if PIL cannot identify it."""
+    """(width, height) from the image header without decoding pixels; None if PIL cannot identify it.
+
+    PIL refuses to even open an image above twice its MAX_IMAGE_PIXELS (a decompression bomb);
+    that refusal is itself the answer "too large", reported as an infinite size.
+    """
     import io
     import warnings
 
@@ -88,8 +92,13 @@ def header_size(data: bytes) -> tuple[int, int] | None:
             warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning: we judge the size ourselves
             with Image.open(io.BytesIO(data)) as im:
                 return int(im.size[0]), int(im.size[1])
+    except Image.DecompressionBombError:
+        return (BOMB, BOMB)
     except Exception:  # PIL raises many types for unknown or damaged headers
         return None
+
+
+BOMB = 1 << 31  # header_size's answer for an image PIL calls a decompression bomb
 
 
 def oversize(data: bytes, max_pixels: int | None, max_bytes: int | None) -> str | None:
@@ -98,6 +107,8 @@ def oversize(data: bytes, max_pixels: int | None, max_bytes: int | None) -> str 
         return f"the file has {len(data) / 2**20:.1f} MB, above the limit of {max_bytes / 2**20:.0f} MB"
     if max_pixels is not None:
         size = header_size(data)
+        if size == (BOMB, BOMB):
+            return f"the header declares over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} M pixels (a decompression bomb); not decoded"
         if size is not None and size[0] * size[1] > max_pixels:
             return (f"the header says {size[0]}x{size[1]} = {size[0] * size[1] / 1e6:.0f} M pixels, above the "
                     f"limit of {max_pixels / 1e6:.0f} M; not decoded")
