@@ -341,3 +341,84 @@ def test_evaluate_segmentation_names_missing_crops_table(tmp_path):
     pd.DataFrame([_clean_row("A", "x.png", "eosinophil")], columns=list(CLEAN_COLUMNS)).to_parquet(clean)
     with pytest.raises(StageInputError, match="crops.parquet"):
         evaluate_segmentation(clean, tmp_path / "crops.parquet", tmp_path, tmp_path / "eval")
+
+
+# --- single-cell sources (PBC, ALL-IDB, MedMNIST): one labelled cell in the centre ---
+
+def _cell_window(seed: int, cls: str, pad: float = 1.2) -> np.ndarray:
+    """A square window of a generated field centred on its one white cell (a PBC-like image)."""
+    img, (box,) = _field(seed, [cls])
+    x0, y0, x1, y1 = box
+    cx, cy, half = (x0 + x1) // 2, (y0 + y1) // 2, int(max(x1 - x0, y1 - y0) * pad)
+    big = cv2.copyMakeBorder(img, half, half, half, half, cv2.BORDER_REFLECT)
+    return np.ascontiguousarray(big[cy:cy + 2 * half, cx:cx + 2 * half])
+
+
+def _single_cell_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    raw = tmp_path / "raw" / "images"
+    centre = _cell_window(3000, "lymphocyte", pad=2.6)
+    side = _cell_window(3001, "monocyte", pad=0.8)
+    side = cv2.resize(side, (centre.shape[1] * 2 // 5, centre.shape[0] * 2 // 5), interpolation=cv2.INTER_AREA)
+    two = centre.copy()
+    two[:side.shape[0], :side.shape[1]] = side          # a second whole cell in a corner
+    blank = np.full_like(centre, (200, 190, 235))       # no stained nucleus at all
+    for name, img in (("two.png", two), ("blank.png", blank)):
+        (raw / "lymphocyte").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(raw / "lymphocyte" / name), img)
+    rows = [_clean_row("lymphocyte/two", "images/lymphocyte/two.png", "lymphocyte", source="class_folders"),
+            _clean_row("lymphocyte/blank", "images/lymphocyte/blank.png", "lymphocyte", source="class_folders")]
+    clean = tmp_path / "clean.parquet"
+    df = pd.DataFrame(rows, columns=list(CLEAN_COLUMNS))
+    df["width"], df["height"] = two.shape[1], two.shape[0]
+    df.to_parquet(clean)
+    return clean, tmp_path / "raw"
+
+
+def test_single_cell_mode_keeps_the_centred_cell_and_flags_the_rest(tmp_path):
+    clean, raw = _single_cell_inputs(tmp_path)
+    crops_dir = tmp_path / "crops"
+    result = segment_images(clean, raw, crops_dir, CFG)  # mode auto: class_folders -> single_cell
+    crops = pd.read_parquet(crops_dir / "crops.parquet").set_index("crop_id")
+    assert list(crops.index) == ["lymphocyte/blank_c0", "lymphocyte/two_c0"], "one labelled crop per image"
+    two = crops.loc["lymphocyte/two_c0"]
+    h, w = cv2.imread(str(raw / "images/lymphocyte/two.png")).shape[:2]
+    assert abs((two.x0 + two.x1) / 2 - w / 2) < w / 6 and abs((two.y0 + two.y1) / 2 - h / 2) < h / 6, "the centred cell"
+    assert (crops_dir / "images" / "lymphocyte" / "two_c0.png").is_file(), "crop ids with sub-folders get folders"
+    review = pd.read_csv(crops_dir / "review.csv")
+    secondary = review[review["reason"] == "secondary_cell"]
+    assert len(secondary) >= 1 and secondary["item"].str.startswith("lymphocyte/two_s").all()
+    assert "not labelled 'lymphocyte'" in secondary["detail"].iloc[0]
+    fallback = review[review["reason"] == "centre_crop_fallback"]
+    assert fallback["item"].tolist() == ["lymphocyte/blank_c0"], "no nucleus: centred crop, flagged, kept"
+    assert result.yield_per_class == {"lymphocyte": {"images": 2, "crops": 2}}
+    assert result.summary()["crop yield"] == "lymphocyte 2/2"
+
+
+def test_fields_mode_crops_every_cell_of_the_same_image(tmp_path):
+    clean, raw = _single_cell_inputs(tmp_path)
+    segment_images(clean, raw, tmp_path / "crops", CFG.model_copy(update={"mode": "fields"}))
+    crops = pd.read_parquet(tmp_path / "crops" / "crops.parquet")
+    assert (crops["source_id"] == "lymphocyte/two").sum() >= 2, "as a field, both cells inherit the label"
+
+
+def test_centre_crop_option_is_the_bloodmnist_crop(tmp_path):
+    clean, raw = _single_cell_inputs(tmp_path)
+    cfg = CFG.model_copy(update={"single_cell_crop": "centre", "fallback_crop_px": 100})
+    segment_images(clean, raw, tmp_path / "crops", cfg)
+    crops = pd.read_parquet(tmp_path / "crops" / "crops.parquet")
+    assert ((crops["x1"] - crops["x0"]) == 100).all() and ((crops["y1"] - crops["y0"]) == 100).all()
+    review_path = tmp_path / "crops" / "review.csv"
+    assert pd.read_csv(review_path).empty, "chosen by params: nothing to flag"
+
+
+def test_unwritable_crop_folder_fails_at_once_naming_the_file(stage_inputs, tmp_path):
+    from hemaflow.errors import OutputWriteError, is_transient
+
+    clean, raw = stage_inputs
+    crops_dir = tmp_path / "crops"
+    (crops_dir / "images").mkdir(parents=True)
+    blocker = crops_dir / "images" / "A_c0.png"
+    blocker.mkdir()  # a folder where the crop file must go: cv2 cannot write it
+    with pytest.raises(OutputWriteError, match=r"A_c0.png: could not write crop") as err:
+        segment_rows(pd.read_parquet(clean), raw, crops_dir, CFG)
+    assert not is_transient(err.value), "an unwritable output is never retried"
