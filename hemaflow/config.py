@@ -48,6 +48,10 @@ class IngestParams(_Frozen):
     annotations_dir: str = "annotations"  # voc_fields: Pascal VOC XML beside the images (optional)
     id_pattern: str = "SmearField_{:05d}.jpg"  # integer ids in the labels CSV -> file names
     split_lists_dir: str | None = None    # voc_fields: folder of train/val/test.txt id lists (BCCD ImageSets/Main)
+    # voc_fields: fields = one item per image (labels from the CSV); objects = one item per annotated
+    # object, labelled by its VOC <name> (e.g. BCCD WBC/RBC/Platelets), optionally only these names
+    voc_items: Literal["fields", "objects"] = "fields"
+    voc_object_names: tuple[str, ...] | None = None
     filename_glob: str = "**/*"           # filename_labels: files to read, relative to raw_dir
     filename_pattern: str = r"^(?P<id>Im\d+)_(?P<label>\d+)$"  # on the file stem; group 'label' is the label
     filename_labels: dict[str, str] = Field(default_factory=lambda: {"0": "no_blast", "1": "lymphoblast"})

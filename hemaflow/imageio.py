@@ -8,6 +8,7 @@ manifest row names one image that `read_image` can load, whatever the source.
 from __future__ import annotations
 
 import hashlib
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,11 +26,33 @@ PHASH_REDUCING_GAP = 3.0  # PIL: box-reduce to >= 3x the target before Lanczos
 def safe_relpath(item_id: str) -> str:
     """An item id as a relative output path: sub-folders kept, anything that could leave the
     output folder ('..', a leading '/') or trouble a file system (':', spaces) replaced."""
-    import re
 
     parts = [re.sub(r"[^A-Za-z0-9._-]+", "_", p) for p in str(item_id).replace("\\", "/").split("/")]
     parts = [p.replace("..", "_") for p in parts if p not in ("", ".")]
     return "/".join(parts) or "_"
+
+
+BOX_RE = re.compile(r"^(?P<file>.+)#(?P<x0>\d+),(?P<y0>\d+),(?P<x1>\d+),(?P<y1>\d+)$")
+
+
+def box_path(file_rel: str, box: tuple[int, int, int, int]) -> str:
+    """Manifest path of one annotated object of an image: 'JPEGImages/a.jpg#78,336,184,435'."""
+    return f"{file_rel}#{box[0]},{box[1]},{box[2]},{box[3]}"
+
+
+def parse_box_path(rel_path: str) -> tuple[str, tuple[int, int, int, int]] | None:
+    """('JPEGImages/a.jpg', (78, 336, 184, 435)) for an object path; None for a plain path."""
+    m = BOX_RE.match(rel_path)
+    if m is None:
+        return None
+    return m["file"], (int(m["x0"]), int(m["y0"]), int(m["x1"]), int(m["y1"]))
+
+
+def crop_box(img: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray | None:
+    """The box's pixels (clipped to the image); None if nothing of it lies inside."""
+    h, w = img.shape[:2]
+    x0, y0, x1, y1 = max(box[0], 0), max(box[1], 0), min(box[2], w), min(box[3], h)
+    return np.ascontiguousarray(img[y0:y1, x0:x1]) if x1 > x0 and y1 > y0 else None
 
 
 def npz_path(npz_rel: str, split: str, index: int) -> str:
@@ -126,6 +149,10 @@ def read_image(raw_dir: Path, rel_path: str, max_pixels: int | None = DEFAULT_MA
     from hemaflow.errors import SourceReadError
 
     raw_dir = Path(raw_dir)
+    obj = parse_box_path(rel_path)
+    if obj is not None:  # one annotated object of an image file
+        img = read_image(raw_dir, obj[0], max_pixels, max_bytes)
+        return None if img is None else crop_box(img, obj[1])
     npz = parse_npz_path(rel_path)
     try:
         if npz is not None:

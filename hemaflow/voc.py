@@ -12,15 +12,18 @@ Box = tuple[int, int, int, int]  # xmin, ymin, xmax, ymax
 
 def read_voc_boxes(xml_path: Path, names: tuple[str, ...] = ("WBC",)) -> list[Box]:
     """Boxes of the objects whose <name> is in `names`; zero-area boxes are skipped."""
+    return [box for name, box in read_voc_objects(xml_path) if name in names]
+
+
+def read_voc_objects(xml_path: Path) -> list[tuple[str, Box]]:
+    """(name, box) of every annotated object, in file order; zero-area boxes are skipped."""
     try:
         root = ET.parse(xml_path).getroot()
     except (ET.ParseError, OSError) as exc:
         raise StageInputError(xml_path, f"not a readable Pascal VOC XML file ({exc})") from exc
-    boxes: list[Box] = []
+    boxes: list[tuple[str, Box]] = []
     for obj in root.iter("object"):
         name = (obj.findtext("name") or "").strip()
-        if name not in names:
-            continue
         bb = obj.find("bndbox")
         if bb is None:
             raise StageInputError(xml_path, f"object '{name}' has no <bndbox>")
@@ -29,5 +32,5 @@ def read_voc_boxes(xml_path: Path, names: tuple[str, ...] = ("WBC",)) -> list[Bo
         except (TypeError, ValueError) as exc:
             raise StageInputError(xml_path, f"object '{name}' has a non-numeric box") from exc
         if box[2] > box[0] and box[3] > box[1]:
-            boxes.append(box)  # type: ignore[arg-type]
+            boxes.append((name, box))  # type: ignore[arg-type]
     return boxes

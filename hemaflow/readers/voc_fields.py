@@ -1,5 +1,9 @@
 """Smear fields (BCCD, the synthetic set): images by glob, VOC boxes beside them, labels from a CSV.
 
+ingest.voc_items "objects" reads every annotated object instead, as its own item labelled
+by the object's VOC <name> (BCCD: WBC / RBC / Platelets): a cell-type set for labs whose
+only labels are the boxes they drew.
+
 Every piece but the images is optional: BCCD ships boxes but not its white-cell labels
 CSV; `split_lists_dir` (BCCD ImageSets/Main) fixes the split when given.
 """
@@ -8,14 +12,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from hemaflow.config import IngestParams
-from hemaflow.errors import StageInputError
+from hemaflow.errors import SourceReadError, StageInputError
+from hemaflow.imageio import box_path, crop_box, oversize
 from hemaflow.readers.guard import FolderGuard
 from hemaflow.readers.items import Scan, SourceItem
 from hemaflow.readers.labels_csv import read_labels_csv
-from hemaflow.voc import read_voc_boxes
+from hemaflow.voc import read_voc_boxes, read_voc_objects
 
 NAME = "voc_fields"
+OBJECTS = "voc_objects"  # source of the per-object items: each shows one cell, so segment treats it as single-cell
 SPLITS = ("train", "val", "test")
 
 
@@ -32,6 +40,29 @@ def read_split_lists(lists_dir: Path) -> dict[str, str]:
     return split_of
 
 
+def object_items(p: Path, rel: str, xml: Path, split: str | None, cfg: IngestParams):
+    """One item per annotated object of an image (ingest.voc_items: objects): its box's pixels,
+    labelled with the object's <name>. The image is decoded once for all its objects."""
+    import cv2
+
+    objects = [(n, b) for n, b in read_voc_objects(xml) if not cfg.voc_object_names or n in cfg.voc_object_names]
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise SourceReadError(p, exc) from None
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data and not oversize(
+        data, cfg.max_pixels, None if cfg.max_file_mb is None else int(cfg.max_file_mb * 2**20)) else None
+    for k, (name, box) in enumerate(objects):
+        item_id, path = f"{p.stem}/o{k:03d}", box_path(rel, box)
+        pixels = None if img is None else crop_box(img, box)
+        if pixels is None:
+            yield SourceItem(image_id=item_id, path=path, source=OBJECTS, label_raw=name, split=split,
+                             error="unreadable_image: the field cannot be decoded or the box lies outside it")
+            continue
+        yield SourceItem(image_id=item_id, path=path, source=OBJECTS, label_raw=name, split=split,
+                         pixels=cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB))
+
+
 def scan(raw_dir: Path, cfg: IngestParams) -> Scan:
     images = sorted(p for p in raw_dir.glob(cfg.images_glob) if p.is_file())
     ann_dir = raw_dir / cfg.annotations_dir
@@ -46,6 +77,13 @@ def scan(raw_dir: Path, cfg: IngestParams) -> Scan:
         for p in images:
             error = guard.error(p)
             xml = ann_dir / (p.stem + ".xml")
+            if cfg.voc_items == "objects":
+                if error is not None:
+                    yield SourceItem(image_id=p.stem, path=p.relative_to(raw_dir).as_posix(), source=OBJECTS,
+                                     error=error)
+                elif xml.is_file():
+                    yield from object_items(p, p.relative_to(raw_dir).as_posix(), xml, split_of.get(p.stem), cfg)
+                continue
             boxes = read_voc_boxes(xml) if error is None and xml.is_file() else []
             yield SourceItem(image_id=p.stem, path=p.relative_to(raw_dir).as_posix(), source=NAME, boxes=boxes,
                              split=split_of.get(p.stem), file=p, error=error)
@@ -54,6 +92,8 @@ def scan(raw_dir: Path, cfg: IngestParams) -> Scan:
                              error=f"label_without_image: annotation {xml.relative_to(raw_dir).as_posix()} "
                                    f"has no image matching '{cfg.images_glob}'")
 
+    if cfg.voc_items == "objects":  # labels come from the boxes; progress counts fields
+        labels, orphan_xml = None, []
     return Scan(items=items(), total=len(images) + len(orphan_xml), labels=labels, labels_name=cfg.labels_csv,
                 labels_dir=raw_dir / glob_root(cfg.images_glob))
 
