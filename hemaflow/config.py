@@ -42,9 +42,15 @@ BLOODMNIST_CLASSES = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyt
 
 class IngestParams(_Frozen):
     # auto picks the reader from the layout of raw_dir (see hemaflow.readers.detect_reader)
-    reader: Literal["auto", "voc_fields", "class_folders", "filename_labels", "medmnist"] = "auto"
+    reader: Literal["auto", "voc_fields", "class_folders", "filename_labels", "medmnist", "labels_csv"] = "auto"
     images_glob: str = "fields/*.jpg"     # voc_fields: smear-field images, relative to raw_dir
-    labels_csv: str = "labels.csv"        # voc_fields: hand-made labels, relative to raw_dir (optional)
+    # relative to raw_dir. voc_fields: hand-made labels (optional); labels_csv: the table naming every image
+    labels_csv: str = "labels.csv"
+    # labels_csv reader: column names; None picks a common name (path/file/filename/image...,
+    # label/class/cell_type/category..., split/subset). The split column is optional.
+    csv_path_column: str | None = None
+    csv_label_column: str | None = None
+    csv_split_column: str | None = None
     annotations_dir: str = "annotations"  # voc_fields: Pascal VOC XML beside the images (optional)
     id_pattern: str = "SmearField_{:05d}.jpg"  # integer ids in the labels CSV -> file names
     split_lists_dir: str | None = None    # voc_fields: folder of train/val/test.txt id lists (BCCD ImageSets/Main)

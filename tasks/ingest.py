@@ -144,7 +144,7 @@ def ingest(raw_dir: Path, manifest_path: Path, cfg: IngestParams, progress: Prog
     reader, scan = scan_raw_dir(raw_dir, cfg)
     records = [_record(item, cfg) for item in track(scan.items, scan.total, progress, every=50)]
     n_images = sum(1 for r in records if r["path"] is not None)
-    n_label_rows = join_labels(records, scan, raw_dir)
+    n_label_rows = join_labels(records, scan, raw_dir) + scan.label_rows
 
     df = pd.DataFrame.from_records(records, columns=list(MANIFEST_COLUMNS))
     for c in ("width", "height", "channels"):

@@ -4,6 +4,7 @@
   class_folders    <class>/<image> folders, the folder is the label (PBC)
   filename_labels  label inside the file name (ALL-IDB ImXXX_Y.tif)
   medmnist         .npz archives with fixed splits (BloodMNIST)
+  labels_csv       images in any sub-folders + a CSV naming each by its relative path, with its label
 
 `ingest.reader: auto` picks one from what raw_dir holds (detect_reader).
 """
@@ -17,16 +18,15 @@ from typing import Callable
 
 from hemaflow.config import IngestParams
 from hemaflow.errors import StageInputError
-from hemaflow.readers import class_folders, filename_labels, medmnist, voc_fields
-from hemaflow.readers.items import Scan, SourceItem
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+from hemaflow.readers import class_folders, filename_labels, labels_csv, medmnist, voc_fields
+from hemaflow.readers.items import IMAGE_SUFFIXES, Scan, SourceItem
 
 READERS: dict[str, Callable[[Path, IngestParams], Scan]] = {
     voc_fields.NAME: voc_fields.scan,
     class_folders.NAME: class_folders.scan,
     filename_labels.NAME: filename_labels.scan,
     medmnist.NAME: medmnist.scan,
+    labels_csv.NAME: labels_csv.scan,
 }
 
 __all__ = ["READERS", "Scan", "SourceItem", "detect_reader", "scan_raw_dir"]
@@ -37,9 +37,12 @@ def _any(paths) -> bool:
 
 
 def detect_reader(raw_dir: Path, cfg: IngestParams) -> str:
-    """Layout of raw_dir, checked in order: images_glob hits, npz archives, class folders, labelled names."""
+    """Layout of raw_dir, checked in order: images_glob hits, a labels CSV naming existing files by path,
+    npz archives, class folders, labelled names."""
     if _any(p for p in raw_dir.glob(cfg.images_glob) if p.is_file()):
         return voc_fields.NAME
+    if labels_csv.names_existing_files(raw_dir, cfg):
+        return labels_csv.NAME
     if _any(raw_dir.glob(cfg.npz_glob)):
         return medmnist.NAME
     base = class_folders.class_root(raw_dir)
@@ -52,8 +55,8 @@ def detect_reader(raw_dir: Path, cfg: IngestParams) -> str:
     if images and all(re.match(cfg.filename_pattern, p.stem) for p in images):
         return filename_labels.NAME
     raise StageInputError(raw_dir, f"no images found: expected '{cfg.images_glob}', '{cfg.npz_glob}', "
-                                   f"<class>/<image> folders or names matching '{cfg.filename_pattern}' "
-                                   f"(or set ingest.reader)")
+                                   f"'{cfg.labels_csv}' naming image paths, <class>/<image> folders "
+                                   f"or names matching '{cfg.filename_pattern}' (or set ingest.reader)")
 
 
 def scan_raw_dir(raw_dir: Path, cfg: IngestParams) -> tuple[str, Scan]:

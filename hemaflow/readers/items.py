@@ -9,6 +9,8 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+
 
 @dataclass
 class SourceItem:
@@ -32,3 +34,4 @@ class Scan:
     labels: pd.DataFrame | None = None  # labels CSV rows to join by file name (voc_fields)
     labels_name: str = ""                # the CSV's name, for error details
     labels_dir: Path | None = None       # folder the CSV's file names are relative to
+    label_rows: int = 0                  # labels read by the reader itself (labels_csv), for the ingest summary

@@ -5,12 +5,12 @@ import json
 import cv2
 import numpy as np
 import pandas as pd
-import pytest
 from pathlib import Path
 
-from hemaflow.errors import SourceReadError, is_transient
+import pytest
 
 from hemaflow.config import IngestParams
+from hemaflow.errors import SourceReadError, StageInputError, is_transient
 from hemaflow.imageio import jpeg_frame, parse_npz_path, read_image
 from hemaflow.readers import detect_reader
 from hemaflow.readers.labels_csv import read_labels_csv
@@ -238,3 +238,126 @@ def test_io_error_on_a_mount_is_transient_and_stops_ingest(tmp_path, monkeypatch
         ingest(tmp_path / "raw", tmp_path / "manifest.parquet", IngestParams(reader="class_folders"))
     assert is_transient(err.value), "EIO on a network mount may pass: the flow retries it"
     assert not (tmp_path / "manifest.parquet").exists(), "no manifest that silently lacks the image"
+# --- labels_csv ---------------------------------------------------------------------------------
+
+def _csv_layout(raw, csv_text, files=("images/neutrophil/BNE_1.jpg", "images/lymphocyte/LY_7.jpg")):
+    for i, rel in enumerate(files):
+        _img(raw / rel, seed=i)
+    (raw / "labels.csv").write_text(csv_text)
+    return raw
+
+
+def test_labels_csv_matches_paths_and_reports_both_orphans(tmp_path):
+    raw = _csv_layout(tmp_path / "raw", "path,label\n./images/neutrophil/BNE_1.jpg,NEUTROPHIL\n"
+                                        "images\\lymphocyte\\LY_7.jpg,lymphocyte\nimages/monocyte/MO_3.jpg,monocyte\n",
+                      files=("images/neutrophil/BNE_1.jpg", "images/lymphocyte/LY_7.jpg", "images/extra/EO_2.png"))
+    (raw / "README.txt").write_text("not an image, not listed: ignored")
+    assert detect_reader(raw, CFG) == "labels_csv"  # not class_folders, although images/<class>/ fits that too
+    res = ingest(raw, tmp_path / "m.parquet", CFG)
+    df = _manifest(tmp_path / "m.parquet")
+    assert res.reader == "labels_csv" and res.n_images == 3 and res.n_label_rows == 3
+    assert res.errors == {"label_without_image": 1}
+    bne = df.loc["images/neutrophil/BNE_1"]
+    assert (bne.path, bne.label_raw, bne.width) == ("images/neutrophil/BNE_1.jpg", "NEUTROPHIL", 24)
+    assert df.loc["images/lymphocyte/LY_7"].path == "images/lymphocyte/LY_7.jpg"  # backslashes folded
+    missing = df.loc["images/monocyte/MO_3"]
+    assert pd.isna(missing.path) and missing.label_raw == "monocyte"
+    assert missing.error == ("label_without_image: the label row names an image that does not exist "
+                             "(labels.csv line 4: 'images/monocyte/MO_3.jpg')")
+    extra = df.loc["images/extra/EO_2"]
+    assert extra.path == "images/extra/EO_2.png" and pd.isna(extra.label_raw) and pd.isna(extra.error)
+    assert set(df["source"]) == {"labels_csv"} and df["split"].isna().all()
+
+
+def test_labels_csv_faults_reach_the_review_list(tmp_path):
+    from hemaflow.config import ValidateLabelsParams
+    from tasks.validate_labels import validate_labels
+    raw = _csv_layout(tmp_path / "raw", "file,cell_type\nimages/neutrophil/BNE_1.jpg,neutrophil\n"
+                                        "images/gone.jpg,lymphocyte\n")
+    ingest(raw, tmp_path / "m.parquet", CFG)
+    res = validate_labels(tmp_path / "m.parquet", tmp_path / "labels", ValidateLabelsParams(), ("neutrophil", "lymphocyte"))
+    review = pd.read_csv(tmp_path / "labels" / "review.csv").set_index("item")
+    assert res.n_clean == 1 and res.problems == {"label_without_image": 1, "image_without_label": 1}
+    assert review.loc["images/gone"].reason == "label_without_image"
+    assert review.loc["images/gone"].detail.endswith("(labels.csv line 3: 'images/gone.jpg')")
+    assert review.loc["images/lymphocyte/LY_7"].reason == "image_without_label"
+    assert review.loc["images/lymphocyte/LY_7"].path == "images/lymphocyte/LY_7.jpg"
+
+
+def test_labels_csv_split_column_and_merged_rows(tmp_path):
+    raw = _csv_layout(tmp_path / "raw", "Image Path;Class;Subset\nimages/neutrophil/BNE_1.jpg;neutrophil;Train\n"
+                                        "images/lymphocyte/LY_7.jpg;lymphocyte;validation\n"
+                                        "images/neutrophil/BNE_1.jpg;neutrophil;\n"
+                                        "images/c/X_1.jpg;monocyte;holdout\n",
+                      files=("images/neutrophil/BNE_1.jpg", "images/lymphocyte/LY_7.jpg", "images/c/X_1.jpg"))
+    ingest(raw, tmp_path / "m.parquet", IngestParams(reader="labels_csv"))
+    df = _manifest(tmp_path / "m.parquet")
+    assert df.loc["images/neutrophil/BNE_1"].split == "train"
+    assert df.loc["images/neutrophil/BNE_1"].label_raw == "neutrophil, neutrophil"  # two rows, one image
+    assert df.loc["images/lymphocyte/LY_7"].split == "val"
+    assert df.loc["images/c/X_1"].error == ("unknown_split: split 'holdout' is not one of train, val, test "
+                                            "(labels.csv line 5: 'images/c/X_1.jpg')")
+
+
+def test_labels_csv_named_columns_and_missing_columns(tmp_path):
+    raw = _csv_layout(tmp_path / "raw", "where,what,annotator\nimages/neutrophil/BNE_1.jpg,seg,neutrophil\n")
+    cfg = IngestParams(reader="labels_csv", csv_path_column="where", csv_label_column="What")
+    ingest(raw, tmp_path / "m.parquet", cfg)
+    assert _manifest(tmp_path / "m.parquet").loc["images/neutrophil/BNE_1"].label_raw == "seg"
+    assert detect_reader(raw, CFG) == "class_folders"  # no path column found: not this layout
+    with pytest.raises(StageInputError, match=r"needs a path column named path/file/filename/image .*"
+                                              r"found where, what, annotator"):
+        ingest(raw, tmp_path / "m.parquet", IngestParams(reader="labels_csv"))
+    with pytest.raises(StageInputError, match=r"needs a split column 'fold' \(ingest.csv_split_column\)"):
+        ingest(raw, tmp_path / "m.parquet", cfg.model_copy(update={"csv_split_column": "fold"}))
+    with pytest.raises(StageInputError, match="labels CSV not found"):
+        ingest(raw, tmp_path / "m.parquet", cfg.model_copy(update={"labels_csv": "nope.csv"}))
+
+
+def test_labels_csv_paths_leaving_the_folder_are_not_read(tmp_path):
+    outside = tmp_path / "secret"
+    _img(outside / "s.jpg")
+    raw_abs = (tmp_path / "raw").resolve()
+    raw = _csv_layout(tmp_path / "raw", f"path,label\n../secret/s.jpg,neutrophil\n{outside / 's.jpg'} ,neutrophil\n"
+                                        "images/link.jpg,neutrophil\nlinkdir/s.jpg,lymphocyte\n"
+                                        "images/neutrophil/../neutrophil/BNE_1.jpg,neutrophil\n"
+                                        f"{raw_abs}/images/lymphocyte/LY_7.jpg,lymphocyte\n")
+    (raw / "images" / "link.jpg").symlink_to(outside / "s.jpg")
+    (raw / "linkdir").symlink_to(outside, target_is_directory=True)
+    ingest(raw, tmp_path / "m.parquet", CFG)
+    df = _manifest(tmp_path / "m.parquet")
+    err = df["error"].dropna()
+    assert err.str.startswith("path_outside_data_folder: ").sum() == 4 and len(err) == 4
+    assert df.loc["../secret/s"].error == ("path_outside_data_folder: the name leaves the data folder "
+                                           "(labels.csv line 2: '../secret/s.jpg')")
+    assert pd.isna(df.loc["../secret/s"].sha256) and pd.isna(df.loc["images/link"].sha256)  # never read
+    assert "resolves to" in df.loc["images/link"].error and "labels.csv line 4" in df.loc["images/link"].error
+    assert "labels.csv line 5" in df.loc["linkdir/s"].error
+    assert df.loc["images/neutrophil/BNE_1"].label_raw == "neutrophil"  # a/../a folded
+    assert df.loc["images/lymphocyte/LY_7"].path == "images/lymphocyte/LY_7.jpg"  # absolute, inside raw_dir
+    assert len(df) == 6  # the symlink is the CSV's row, not also an unlisted image
+
+
+def test_labels_csv_hint_for_case_and_folder_slips(tmp_path):
+    raw = _csv_layout(tmp_path / "raw", "filename,label\nImages/Neutrophil/BNE_1.jpg,neutrophil\nLY_7.jpg,lymphocyte\n\n")
+    res = ingest(raw, tmp_path / "m.parquet", IngestParams(reader="labels_csv"))
+    df = _manifest(tmp_path / "m.parquet")
+    assert df.loc["Images/Neutrophil/BNE_1"].error.endswith("; did you mean 'images/neutrophil/BNE_1.jpg'?")
+    assert df.loc["LY_7"].error.endswith("(labels.csv line 3: 'LY_7.jpg'); did you mean 'images/lymphocyte/LY_7.jpg'?")
+    assert res.n_label_rows == 2 and res.errors == {"label_without_image": 2}
+
+
+def test_labels_csv_blank_path_with_a_label(tmp_path):
+    raw = _csv_layout(tmp_path / "raw", "path,label\n,neutrophil\n ,\nimages/neutrophil/BNE_1.jpg,neutrophil\n")
+    ingest(raw, tmp_path / "m.parquet", IngestParams(reader="labels_csv"))
+    df = _manifest(tmp_path / "m.parquet")
+    assert df.loc["labels.csv:2"].error == ("label_without_image: the label row names no image "
+                                            "(labels.csv line 2: blank path)")
+    assert len(df) == 3  # the fully blank row is skipped; LY_7 is an unlisted image
+
+
+def test_voc_layout_wins_over_a_labels_csv(tmp_path):
+    raw = tmp_path / "raw"
+    _img(raw / "fields" / "SmearField_00000.jpg")
+    (raw / "labels.csv").write_text("Image,Category\n0,NEUTROPHIL\nfields/SmearField_00000.jpg,x\n")
+    assert detect_reader(raw, CFG) == "voc_fields"
