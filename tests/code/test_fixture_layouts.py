@@ -7,8 +7,8 @@ import pandas as pd
 
 from hemaflow.config import IngestParams, SegmentParams
 from hemaflow.readers import detect_reader
-from tasks.ingest import ingest
-from tasks.segment import find_white_cells
+from hemaflow.tasks.ingest import ingest
+from hemaflow.tasks.segment import find_white_cells
 from tests.fixtures.layouts import make_allidb, make_labels_csv_layout, make_medmnist
 
 SEG = SegmentParams(method="colour", min_area_frac=0.01, max_area_frac=0.6, detect_downscale=2, lobe_join_px=10)

@@ -82,8 +82,8 @@ def test_taxonomy_rejects_synonyms_for_unknown_class():
 import json  # noqa: E402
 import time  # noqa: E402
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+
+
 
 from hemaflow.config import IngestParams  # noqa: E402
 from hemaflow.duplicates import near_duplicate_pairs, parse_phash  # noqa: E402
