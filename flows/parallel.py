@@ -49,12 +49,80 @@ def local_cluster(**kwargs: Any) -> LocalCluster:
         return LocalCluster(**kwargs)
 
 
-def dask_task_runner(cfg: ParallelParams) -> DaskTaskRunner:
-    """A DaskTaskRunner from params: the scheduler at cfg.dask_address, else a local cluster."""
-    if cfg.dask_address:
-        return DaskTaskRunner(address=cfg.dask_address)
+def dask_task_runner(cfg: ParallelParams, address: str | None = None) -> DaskTaskRunner:
+    """A DaskTaskRunner from params: the scheduler at `address` (the flow's own cluster) or at
+    cfg.dask_address, else a local cluster started for this stage alone."""
+    if address or cfg.dask_address:
+        return DaskTaskRunner(address=address or cfg.dask_address)
     return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={"n_workers": cfg.n_workers, "threads_per_worker": cfg.threads_per_worker,
                                           "processes": True, "dashboard_address": ":0"})
+
+
+WARM_MODULES = ("prefect", "hemaflow.tasks.segment", "hemaflow.tasks.augment")
+
+
+def _warm_worker() -> None:
+    """Import what every batch needs once per worker, before the first batch arrives."""
+    import importlib
+
+    for name in WARM_MODULES:
+        importlib.import_module(name)
+
+
+class FlowCluster:
+    """The flow run's one local Dask cluster, started in a background thread at flow start.
+
+    Starting worker processes and importing Prefect and the stage code in them costs ~5 s
+    of two cores; started per batched stage, that start ate most of what 2 workers gain
+    on PBC. Started while ingest and validate_labels run (serial: one core is idle) and
+    shared by segment and augment, the batched stages pay only their batches.
+    """
+
+    def __init__(self, cfg: ParallelParams):
+        import threading
+
+        self._cluster: LocalCluster | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, args=(cfg,), name="hemaflow-dask-start", daemon=True)
+        self._thread.start()
+
+    def _start(self, cfg: ParallelParams) -> None:
+        try:
+            self._cluster = local_cluster(n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker,
+                                          processes=True, dashboard_address=":0")
+            from distributed import Client
+
+            with Client(self._cluster) as client:
+                client.run(_warm_worker)
+        except BaseException as exc:  # reported when a stage asks for the address
+            self._error = exc
+
+    def address(self) -> str:
+        """The scheduler address, once the cluster is up (waits for the start to finish)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._cluster is not None
+        return self._cluster.scheduler_address
+
+    def close(self) -> None:
+        self._thread.join()
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+
+@contextmanager
+def flow_cluster(cfg: ParallelParams, needed: bool = True) -> Iterator[FlowCluster | None]:
+    """A FlowCluster for the flow run, unless params name a scheduler or nothing batched will run."""
+    if cfg.dask_address or not needed:
+        yield None
+        return
+    cluster = FlowCluster(cfg)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 @contextmanager

@@ -21,7 +21,8 @@ from prefect.cache_policies import NO_CACHE
 
 from hemaflow.flows import dvc_state
 from hemaflow.flows.artifacts import publish_summary, stage_progress
-from hemaflow.flows.parallel import dask_task_runner, is_transient, prefect_batch_runner, workers_share_prefect_api
+from hemaflow.flows.parallel import (FlowCluster, dask_task_runner, flow_cluster, is_transient, prefect_batch_runner,
+                                     workers_share_prefect_api)
 from hemaflow.config import load_params
 from hemaflow.tasks.stages import BATCHED_STAGES, STAGES, run_stage, stage_paths
 
@@ -68,17 +69,25 @@ STAGE_TASKS = {name: _stage_task(name) for name in STAGES if name not in BATCHED
 STAGE_FLOWS = {name: _stage_flow(name) for name in BATCHED_STAGES}
 
 
-def run_batched_stage(name: str, params_path: str, force: bool = False, use_dvc: bool = False) -> dict:
-    """Run a batched stage as a subflow whose batches are tasks on Dask (params `parallel`)."""
-    runner = dask_task_runner(load_params(params_path).parallel)
+def run_batched_stage(name: str, params_path: str, force: bool = False, use_dvc: bool = False,
+                      cluster: FlowCluster | None = None) -> dict:
+    """Run a batched stage as a subflow whose batches are tasks on Dask (params `parallel`):
+    on the flow run's cluster when given, else on the scheduler in params or a cluster of its own."""
+    runner = dask_task_runner(load_params(params_path).parallel, address=cluster.address() if cluster else None)
     with workers_share_prefect_api():
         return STAGE_FLOWS[name].with_options(task_runner=runner)(str(params_path), force, use_dvc)
 
 
-def _run(name: str, params_path: str, force: bool, use_dvc: bool) -> dict:
+def _run(name: str, params_path: str, force: bool, use_dvc: bool, cluster: FlowCluster | None = None) -> dict:
     if name in STAGE_FLOWS:
-        return run_batched_stage(name, params_path, force, use_dvc)
+        return run_batched_stage(name, params_path, force, use_dvc, cluster)
     return STAGE_TASKS[name](params_path, force, use_dvc)
+
+
+def _batched_work_ahead(root: Path, force: bool, use_dvc: bool) -> bool:
+    """Will a batched stage run? (Not when dvc.lock says both are up to date: a no-op rerun
+    must not start a cluster.)"""
+    return force or not use_dvc or not all(dvc_state.is_up_to_date(root, name) for name in BATCHED_STAGES)
 
 
 @flow(name="hemaflow-training", log_prints=False)
@@ -87,8 +96,15 @@ def training_pipeline(params_path: str = "params.yaml", force: bool = False) -> 
     params_file = Path(params_path).resolve()
     root = params_file.parent
     use_dvc = dvc_state.dvc_tracks(root) and params_file.name == "params.yaml"
-    outcomes = [_run(name, str(params_file), force, use_dvc) for name in STAGES]
-    paths = stage_paths(load_params(params_file), root)
+    params = load_params(params_file)
+    outcomes = []
+    with flow_cluster(params.parallel, needed=_batched_work_ahead(root, force, use_dvc)) as cluster:
+        for name in STAGES:
+            outcomes.append(_run(name, str(params_file), force, use_dvc, cluster))
+            if cluster is not None and name == BATCHED_STAGES[-1]:
+                cluster.close()  # training needs the cores and the memory
+                cluster = None
+    paths = stage_paths(params, root)
     evaluation = json.loads((paths.eval_dir / "metrics.json").read_text())
     promotion = json.loads(paths.promotion_path.read_text())
     return {
