@@ -8,6 +8,7 @@ params.yaml.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         if m is not None and hasattr(m, name):
             errs.append(getattr(m, name))
     return tuple(errs)
+
+
+class _NoUserErrorTracebacks(logging.Filter):
+    """Prefect logs a failed task or flow with its traceback; for bad input or a failed gate
+    the message (which names the file) is the whole story, so its traceback is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], _user_errors()):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_user_errors_in_logs() -> None:
+    flt = _NoUserErrorTracebacks()
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
+                                       if n.startswith("prefect")]
+    for handler in {h for lg in loggers for h in getattr(lg, "handlers", [])}:
+        handler.addFilter(flt)
 
 
 def _fail_cleanly(fn):
@@ -69,6 +88,7 @@ def run(params_path: Path, force: bool) -> None:
     """
     from hemaflow.flows.training import training_pipeline
 
+    _quiet_user_errors_in_logs()
     try:
         summary = training_pipeline(params_path=str(params_path.resolve()), force=force)
     except Exception as exc:

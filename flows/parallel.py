@@ -45,8 +45,13 @@ def local_cluster(**kwargs: Any) -> LocalCluster:
     again), and TensorFlow training later in the flow would get one OpenMP thread. Thread
     pools are limited per batch instead (run_batch).
     """
+    import logging
+
+    for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core",
+                 "distributed.batched", "distributed.http.proxy", "distributed.worker"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # cluster start/stop chatter is not a flow log
     with dask.config.set({"distributed.nanny.pre-spawn-environ": {}}):
-        return LocalCluster(**kwargs)
+        return LocalCluster(**{"silence_logs": logging.WARNING, **kwargs})
 
 
 def dask_task_runner(cfg: ParallelParams, address: str | None = None) -> DaskTaskRunner:

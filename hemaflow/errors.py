@@ -22,6 +22,18 @@ class OutputWriteError(StageInputError):
     """A stage cannot write an output file (read-only folder, disk full, bad name): deterministic, never retried."""
 
 
+class StageFileError(StageInputError):
+    """A file operation of a stage failed for a deterministic reason (not a directory, no space,
+    read-only file system): the OSError turned into one message naming the file."""
+
+
+def as_stage_error(exc: OSError) -> BaseException:
+    """A deterministic OSError that names a file -> StageFileError; anything else unchanged."""
+    if isinstance(exc, (StageInputError, SourceReadError)) or is_transient(exc) or not exc.filename:
+        return exc
+    return StageFileError(exc.filename, exc.strerror or str(exc))
+
+
 class SourceReadError(OSError):
     """Reading a source file failed for a reason other than its content (permission, I/O, vanished file).
 

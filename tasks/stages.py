@@ -13,6 +13,7 @@ from typing import Any
 
 from hemaflow.batches import BatchRunner
 from hemaflow.config import Params, PathParams
+from hemaflow.errors import as_stage_error
 from hemaflow.progress import Progress
 
 
@@ -58,7 +59,13 @@ def run_stage(name: str, params: Params, root: Path, overrides: dict[str, Path] 
         params = params.model_copy(update={"promote": params.promote.model_copy(
             update={"store_url": str(store if store.is_absolute() else root / store)})})
     extra = {"batch_runner": batch_runner} if name in BATCHED_STAGES else {}
-    return _RUNNERS[name](params, stage_paths(params, root, overrides), progress, **extra)
+    try:
+        return _RUNNERS[name](params, stage_paths(params, root, overrides), progress, **extra)
+    except OSError as exc:  # e.g. an output folder that cannot be made: one message naming the path
+        err = as_stage_error(exc)
+        if err is exc:
+            raise
+        raise err from None
 
 
 def _ingest(p: Params, d: PathParams, progress):
