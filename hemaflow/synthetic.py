@@ -6,6 +6,17 @@ Images are rendered in optical density (Beer-Lambert): stains add absorbance, so
 overlapping red cells darken naturally and a per-field change of stain or lamp
 changes every cell consistently, as on a real slide.
 
+Realism that keeps the default classifier below perfect (without label noise):
+- per-field stain batch (eosin / azure strength and hue), lamp brightness, white balance,
+  gradient and off-centre vignetting; focus that differs per field and drifts across it;
+- red cells pressed against or lying on the rim of white cells; a share of two-cell fields
+  whose white cells touch; platelets (singles and clumps) and stain-precipitate specks;
+- look-alikes: band (C/S nucleus) and 2-5-lobed neutrophils, some with coarse pinkish
+  (toxic) granules; eosinophils whose granules range from orange to dull lilac; large
+  lymphocytes (round, sometimes notched nucleus, greyer cytoplasm) as big as monocytes whose
+  kidney bite can be shallow; basophils whose granules hide more or less of the nucleus,
+  some hypogranular.
+
 The written files mimic the BCCD dataset, faults of its hand-made labels file included,
 so that ingest and label validation meet the problems they will meet on real data.
 """
@@ -54,16 +65,25 @@ STAINS = {
     "baso_cyto": _od((214, 196, 228)),
     "baso_gran": _od((64, 30, 96)),
     "platelet": _od((150, 110, 190)),
+    "debris": _od((120, 96, 150)),
 }
+# Dyes: eosin stains these (red/orange), the azure/methylene blue the rest; batches drift apart.
+EOSIN_STAINS = {"rbc", "eos_gran", "eos_cyto", "neutro_cyto", "neutro_gran"}
 
-# Cell radius ranges in pixels (red cells are 25-35 px).
+# Cell radius ranges in pixels (red cells are 25-35 px). Ranges overlap where real cells do:
+# a large lymphocyte is as big as a small monocyte, a neutrophil as big as an eosinophil.
 WBC_RADIUS = {
-    "neutrophil": (46, 56),
-    "lymphocyte": (30, 37),
-    "monocyte": (58, 70),
-    "eosinophil": (48, 58),
-    "basophil": (42, 52),
+    "neutrophil": (44, 56),
+    "lymphocyte": (30, 37),    # small lymphocytes; large ones: LARGE_LYMPHO_RADIUS
+    "monocyte": (50, 66),
+    "eosinophil": (46, 58),
+    "basophil": (40, 52),
 }
+LARGE_LYMPHO_RADIUS = (40, 52)
+LARGE_LYMPHO_FRACTION = 0.35
+BAND_FRACTION = 0.25         # neutrophils drawn as bands (C/S nucleus) instead of 2-5 lobes
+TOUCHING_PAIR_FRACTION = 0.3  # of two-cell fields, the cells touch each other
+RBC_ON_WBC_FRACTION = 0.6     # red cells placed next to a white cell may lie on its edge
 
 
 @dataclass
@@ -79,15 +99,20 @@ class _Field:
     def __post_init__(self) -> None:
         self.od = np.zeros((self.height, self.width, 3), np.float32)
 
-    def add(self, y0: int, x0: int, density: np.ndarray, stain: str) -> None:
-        """Add density (h x w, clipped to the field) of one stain at (y0, x0)."""
+    def add(self, y0: int, x0: int, density: np.ndarray, stain: str | np.ndarray) -> None:
+        """Add density (h x w, clipped to the field) of one stain (name or OD vector) at (y0, x0)."""
         h, w = density.shape
         ya, xa = max(y0, 0), max(x0, 0)
         yb, xb = min(y0 + h, self.height), min(x0 + w, self.width)
         if ya >= yb or xa >= xb:
             return
         d = density[ya - y0:yb - y0, xa - x0:xb - x0]
-        self.od[ya:yb, xa:xb] += d[..., None] * self.stains[stain]
+        vec = self.stains[stain] if isinstance(stain, str) else stain
+        self.od[ya:yb, xa:xb] += d[..., None] * vec
+
+    def mix(self, a: str, b: str, w: float) -> np.ndarray:
+        """A stain between a (w = 0) and b (w = 1): look-alike granules and cytoplasm."""
+        return (1.0 - w) * self.stains[a] + w * self.stains[b]
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
@@ -125,7 +150,7 @@ def _blobs(rng: np.random.Generator, shape: tuple[int, int], mask: np.ndarray, n
     """Granules: n random points inside mask, blurred into soft dots with peak ~1."""
     pts = np.zeros(shape, np.float32)
     ys, xs = np.nonzero(mask > 0.5)
-    if len(ys) == 0:
+    if len(ys) == 0 or n <= 0:
         return pts
     idx = rng.integers(0, len(ys), n)
     np.add.at(pts, (ys[idx], xs[idx]), rng.uniform(0.6, 1.0, n).astype(np.float32))
@@ -139,16 +164,23 @@ def _texture(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> 
     return t / (t.std() + 1e-6)
 
 
+def _tube(size: int, pts: list[tuple[float, float]], radii: list[float]) -> np.ndarray:
+    """Soft-edged tube through points (a curved nucleus): union of discs along the path."""
+    out = np.zeros((size, size), np.float32)
+    for (x, y), r in zip(pts, radii):
+        out = np.maximum(out, _ellipse(out.shape, x, y, r, r, 0.0))
+    return out
+
+
 # --- nucleus shapes, drawn in a square patch whose centre is the cell centre ---
 
-def _nucleus_neutrophil(rng, size, R):
-    """3-5 lobes along a curved chain, joined by thin strands."""
-    n = int(rng.integers(3, 6))
-    lobe = R * rng.uniform(0.23, 0.27)
+def _nucleus_segmented(rng, size, R, n):
+    """n lobes along a curved chain, joined by thin strands."""
+    lobe = R * rng.uniform(0.23, 0.28) * (1.12 if n == 2 else 1.0)
     c = (size - 1) / 2.0
     start = rng.uniform(0, 2 * np.pi)
-    span = rng.uniform(0.28, 0.36) * (n - 1) * np.pi * (1 if rng.random() < 0.5 else -1)
-    ring = R * rng.uniform(0.42, 0.5)
+    span = rng.uniform(0.28, 0.38) * max(n - 1, 1) * np.pi * (1 if rng.random() < 0.5 else -1)
+    ring = R * rng.uniform(0.38, 0.5) * (0.8 if n == 2 else 1.0)
     out = np.zeros((size, size), np.float32)
     centres = []
     for i in range(n):
@@ -164,36 +196,73 @@ def _nucleus_neutrophil(rng, size, R):
     return np.maximum(out, strands * 0.9)
 
 
-def _nucleus_lymphocyte(rng, size, R):
-    """Big round nucleus, slightly off-centre, leaving a thin rim."""
+def _nucleus_band(rng, size, R):
+    """Band neutrophil: one thick unsegmented nucleus bent into a C or an S."""
     c = (size - 1) / 2.0
-    rn = R * rng.uniform(0.76, 0.84)
+    thick = R * rng.uniform(0.15, 0.21)
+    ang = rng.uniform(0, 2 * np.pi)
+    ca, sa = np.cos(ang), np.sin(ang)
+    t = np.linspace(-1, 1, 15)
+    if rng.random() < 0.65:       # C: an arc around the cell centre
+        ring = R * rng.uniform(0.4, 0.52)
+        half = rng.uniform(0.5, 0.8) * np.pi
+        u, v = ring * np.cos(t * half), ring * np.sin(t * half)
+        u -= u.mean()
+    else:                         # S: a sine of one period
+        length = R * rng.uniform(0.6, 0.8)
+        amp = R * rng.uniform(0.2, 0.3)
+        u, v = length * t, amp * np.sin(np.pi * t)
+    pts = [(c + a * ca - b * sa, c + a * sa + b * ca) for a, b in zip(u, v)]
+    radii = thick * (1.0 + 0.15 * np.sin(np.pi * (t + 1) / 2) + rng.normal(0, 0.05, len(t)))
+    return _tube(size, pts, list(radii))
+
+
+def _nucleus_neutrophil(rng, size, R):
+    """Segmented (2-5 lobes, mostly 3-4) or, for BAND_FRACTION of them, a band."""
+    if rng.random() < BAND_FRACTION:
+        return _nucleus_band(rng, size, R)
+    n = int(rng.choice([2, 3, 4, 5], p=[0.15, 0.4, 0.3, 0.15]))
+    return _nucleus_segmented(rng, size, R, n)
+
+
+def _nucleus_lymphocyte(rng, size, R, frac=(0.76, 0.84)):
+    """Big round nucleus, slightly off-centre, leaving a rim; some slightly indented."""
+    c = (size - 1) / 2.0
+    rn = R * rng.uniform(*frac)
     off = (R - rn) * rng.uniform(0.2, 0.6)
     ang = rng.uniform(0, 2 * np.pi)
-    return _ellipse((size, size), c + off * np.cos(ang), c + off * np.sin(ang), rn, rn * rng.uniform(0.9, 1.0), ang)
+    cx, cy = c + off * np.cos(ang), c + off * np.sin(ang)
+    nuc = _ellipse((size, size), cx, cy, rn, rn * rng.uniform(0.86, 1.0), ang)
+    if rng.random() < (0.45 if frac[1] < 0.8 else 0.15):   # a shallow notch: a lymphocyte that looks a little like a monocyte
+        br = rn * rng.uniform(0.3, 0.45)
+        nuc = np.clip(nuc - _ellipse((size, size), cx + (rn + br * 0.4) * np.cos(ang), cy + (rn + br * 0.4) * np.sin(ang),
+                                     br, br, 0.0), 0, 1)
+    return nuc
 
 
 def _nucleus_monocyte(rng, size, R):
-    """Kidney / horseshoe: an ellipse with a disc bitten out of one side."""
+    """Kidney / horseshoe: an ellipse with a disc bitten out of one side (shallow or deep)."""
     c = (size - 1) / 2.0
     ang = rng.uniform(0, 2 * np.pi)
-    a, b = R * rng.uniform(0.58, 0.66), R * rng.uniform(0.42, 0.50)
-    off = R * rng.uniform(0.05, 0.12)
+    a, b = R * rng.uniform(0.54, 0.66), R * rng.uniform(0.42, 0.54)
+    off = R * rng.uniform(0.05, 0.14)
     cx, cy = c - off * np.cos(ang + np.pi / 2), c - off * np.sin(ang + np.pi / 2)
     body = _ellipse((size, size), cx, cy, a, b, ang)
-    bite_r = b * rng.uniform(0.65, 0.9)
-    bite_d = b * rng.uniform(0.85, 1.15)
+    bite_r = b * (rng.uniform(0.5, 0.9) if rng.random() < 0.8 else rng.uniform(0.25, 0.45))
+    bite_d = b * rng.uniform(0.95, 1.3)
     bx, by = cx + bite_d * np.cos(ang + np.pi / 2), cy + bite_d * np.sin(ang + np.pi / 2)
     bite = _ellipse((size, size), bx, by, bite_r * 1.2, bite_r, ang)
     return np.clip(body - bite, 0, 1)
 
 
 def _nucleus_eosinophil(rng, size, R):
-    """Two lobes (spectacles) joined by a band."""
+    """Two lobes (spectacles) joined by a band; now and then three lobes like a neutrophil."""
+    if rng.random() < 0.15:
+        return _nucleus_segmented(rng, size, R, 3)
     c = (size - 1) / 2.0
     ang = rng.uniform(0, 2 * np.pi)
-    d = R * rng.uniform(0.28, 0.34)
-    lobe = R * rng.uniform(0.29, 0.34)
+    d = R * rng.uniform(0.26, 0.34)
+    lobe = R * rng.uniform(0.27, 0.34)
     out = np.zeros((size, size), np.float32)
     for s in (-1, 1):
         x, y = c + s * d * np.cos(ang), c + s * d * np.sin(ang)
@@ -205,7 +274,7 @@ def _nucleus_eosinophil(rng, size, R):
 
 
 def _nucleus_basophil(rng, size, R):
-    """Irregular, partly lobed nucleus (mostly hidden under granules)."""
+    """Irregular, partly lobed nucleus (partly hidden under granules)."""
     c = (size - 1) / 2.0
     out = np.zeros((size, size), np.float32)
     for _ in range(int(rng.integers(2, 4))):
@@ -225,38 +294,66 @@ NUCLEUS = {
 }
 
 
+def _wbc_radius(rng: np.random.Generator, cls: str) -> float:
+    if cls == "lymphocyte" and rng.random() < LARGE_LYMPHO_FRACTION:
+        return float(rng.uniform(*LARGE_LYMPHO_RADIUS))
+    lo, hi = WBC_RADIUS[cls]
+    return float(rng.uniform(lo, hi))
+
+
 def _draw_wbc(rng: np.random.Generator, f: _Field, cls: str, cx: int, cy: int, R: float) -> Box:
     """Draw one white cell centred at (cx, cy); return its tight box (cytoplasm included)."""
     size = int(2 * R * 1.15) | 1
     y0, x0 = cy - size // 2, cx - size // 2
-    cell = _wobbly_disc(rng, size, R, wobble=0.06)
-    nuc = NUCLEUS[cls](rng, size, R) * (cell > 0.5)
+    cell = _wobbly_disc(rng, size, R, wobble=0.07)
+    if cls == "lymphocyte" and R > WBC_RADIUS["lymphocyte"][1]:
+        # large lymphocyte: more (and greyer) cytoplasm, a round nucleus -- the monocyte look-alike
+        nuc = _nucleus_lymphocyte(rng, size, R, frac=(0.6, 0.74))
+    else:
+        nuc = NUCLEUS[cls](rng, size, R)
+    nuc = nuc * (cell > 0.5)
     shape = cell.shape
     chrom = 1.0 + 0.18 * _texture(rng, shape, 1.6)
     cyto = cell * (1 - nuc)
     if cls == "neutrophil":
-        f.add(y0, x0, cyto * rng.uniform(0.8, 1.2), "neutro_cyto")
-        f.add(y0, x0, _blobs(rng, shape, cyto, int(R * R * 0.35), 0.8) * 0.35 * cyto, "neutro_gran")
-        f.add(y0, x0, nuc * chrom * rng.uniform(0.85, 1.0), "nucleus")
+        # some neutrophils carry coarse, pinker (toxic) granules: toward the eosinophil look
+        w = rng.uniform(0.1, 0.45) if rng.random() < 0.2 else rng.uniform(0.0, 0.08)
+        f.add(y0, x0, cyto * rng.uniform(0.8, 1.2), f.mix("neutro_cyto", "eos_cyto", 0.3 * w))
+        sigma = rng.uniform(0.8, 1.0 + w)
+        gran = _blobs(rng, shape, cyto, int(R * R * rng.uniform(0.28, 0.42)), sigma)
+        f.add(y0, x0, gran * rng.uniform(0.3, 0.4 + 0.5 * w) * cyto, f.mix("neutro_gran", "eos_gran", w))
+        f.add(y0, x0, nuc * chrom * rng.uniform(0.8, 1.0), "nucleus")
     elif cls == "lymphocyte":
-        f.add(y0, x0, cyto * rng.uniform(0.8, 1.2), "lympho_cyto")
-        f.add(y0, x0, nuc * chrom * rng.uniform(1.0, 1.15), "nucleus")
+        large = R > WBC_RADIUS["lymphocyte"][1]
+        w = rng.uniform(0.25, 0.7) if large else rng.uniform(0.0, 0.2)
+        f.add(y0, x0, cyto * rng.uniform(0.75, 1.15), f.mix("lympho_cyto", "mono_cyto", w))
+        f.add(y0, x0, nuc * chrom * rng.uniform(0.85, 1.1), f.mix("nucleus", "nucleus_light", w * 0.8))
     elif cls == "monocyte":
-        f.add(y0, x0, cyto * (1 + 0.12 * _texture(rng, shape, 3.0)) * rng.uniform(0.8, 1.1), "mono_cyto")
+        w = rng.uniform(0.0, 0.35)
+        f.add(y0, x0, cyto * (1 + 0.12 * _texture(rng, shape, 3.0)) * rng.uniform(0.8, 1.1),
+              f.mix("mono_cyto", "lympho_cyto", w))
         vac = _blobs(rng, shape, cyto * (rng.random(shape) < 0.02), int(rng.integers(0, 6)), 2.0)
         f.add(y0, x0, -np.clip(vac, 0, 0.5) * cyto, "mono_cyto")
-        lacy = 1.0 + 0.3 * _texture(rng, shape, 1.0)
-        f.add(y0, x0, nuc * lacy * rng.uniform(0.85, 1.0), "nucleus_light")
+        lacy = 1.0 + 0.3 * _texture(rng, shape, 1.0) * (1 - w)
+        f.add(y0, x0, nuc * lacy * rng.uniform(0.85, 1.05), f.mix("nucleus_light", "nucleus", w))
     elif cls == "eosinophil":
-        f.add(y0, x0, cyto * rng.uniform(0.8, 1.2), "eos_cyto")
-        f.add(y0, x0, nuc * chrom * rng.uniform(0.85, 1.0), "nucleus")
-        gran = _blobs(rng, shape, cell, int(R * R * 0.45), 1.3)
-        f.add(y0, x0, np.clip(gran, 0, 1.2) * 0.7 * (cell - 0.85 * nuc), "eos_gran")
+        # granules from bright orange to dull pink-lilac (overlapping a toxic neutrophil's)
+        w = rng.uniform(0.0, 0.4)
+        f.add(y0, x0, cyto * rng.uniform(0.8, 1.2), f.mix("eos_cyto", "neutro_cyto", w))
+        f.add(y0, x0, nuc * chrom * rng.uniform(0.8, 1.0), "nucleus")
+        gran = _blobs(rng, shape, cell, int(R * R * rng.uniform(0.28, 0.5)), rng.uniform(1.0, 1.4))
+        f.add(y0, x0, np.clip(gran, 0, 1.2) * rng.uniform(0.4, 0.75) * (cell - 0.85 * nuc),
+              f.mix("eos_gran", "neutro_gran", w))
     elif cls == "basophil":
-        f.add(y0, x0, cyto * rng.uniform(0.8, 1.2), "baso_cyto")
-        f.add(y0, x0, nuc * chrom * rng.uniform(0.6, 0.8), "nucleus")
-        gran = _blobs(rng, shape, cell, int(R * R * 0.22), 1.7)
-        f.add(y0, x0, np.clip(gran, 0, 1.2) * 0.6 * cell, "baso_gran")
+        hypo = rng.random() < 0.3   # hypogranular: few granules, the lobed nucleus shows
+        f.add(y0, x0, cyto * rng.uniform(0.8, 1.2), f.mix("baso_cyto", "neutro_cyto", 0.6 if hypo else 0.0))
+        f.add(y0, x0, nuc * chrom * rng.uniform(0.6, 0.9) * (1.25 if hypo else 1.0), "nucleus")
+        # granules cover the nucleus more or less: sometimes hiding it, sometimes leaving it clear
+        over = rng.uniform(0.25, 1.0)
+        where = cell * (1.0 - (1.0 - over) * (nuc > 0.5))
+        n_gran = int(R * R * (rng.uniform(0.04, 0.1) if hypo else rng.uniform(0.12, 0.26)))
+        gran = _blobs(rng, shape, where, n_gran, rng.uniform(1.3, 1.9))
+        f.add(y0, x0, np.clip(gran, 0, 1.2) * rng.uniform(0.45, 0.7) * cell, "baso_gran")
     else:
         raise ValueError(f"unknown white-cell class {cls!r}; expected one of {', '.join(CLASSES)}")
     ys, xs = np.nonzero(cell > 0.5)
@@ -279,13 +376,66 @@ def _draw_rbc(rng: np.random.Generator, f: _Field, cx: float, cy: float, R: floa
     f.add(y0, x0, disc * (1.0 - pallor + rim) * rng.uniform(0.85, 1.1), "rbc")
 
 
+def _draw_specks(rng: np.random.Generator, f: _Field) -> None:
+    """Platelets (single and a clump or two), and stain precipitate: small purple specks, no cells."""
+    h, w = f.height, f.width
+
+    def platelet(cx: float, cy: float, pr: float, dens: float) -> None:
+        ps = int(4 * pr + 3) | 1
+        blob = _ellipse((ps, ps), ps / 2, ps / 2, pr, pr * rng.uniform(0.6, 1), rng.uniform(0, np.pi))
+        gran = 1.0 + 0.3 * _texture(rng, (ps, ps), 0.8)
+        f.add(int(cy) - ps // 2, int(cx) - ps // 2, blob * gran * dens, "platelet")
+
+    for _ in range(int(rng.integers(2, 12))):
+        platelet(rng.uniform(0, w), rng.uniform(0, h), rng.uniform(1.5, 3.5), rng.uniform(0.5, 0.9))
+    for _ in range(int(rng.choice([0, 0, 1, 1, 2]))):   # clumps: 3-6 platelets within ~10 px
+        cx, cy = rng.uniform(20, w - 20), rng.uniform(20, h - 20)
+        for _ in range(int(rng.integers(3, 7))):
+            platelet(cx + rng.normal(0, 4.5), cy + rng.normal(0, 4.5), rng.uniform(1.5, 3.0), rng.uniform(0.4, 0.8))
+    # stain precipitate: tiny dark specks, and a faint smudge now and then
+    for _ in range(int(rng.integers(0, 25))):
+        platelet(rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.2))
+    if rng.random() < 0.3:
+        sz = int(rng.uniform(20, 40)) | 1
+        smudge = _wobbly_disc(rng, sz, sz * 0.35, 0.3) * (1 + 0.4 * _texture(rng, (sz, sz), 2.0))
+        f.add(int(rng.uniform(0, h - sz)), int(rng.uniform(0, w - sz)), np.clip(smudge, 0, None) * 0.12, "debris")
+
+
 def _place_wbcs(rng: np.random.Generator, classes: list[str], width: int, height: int) -> list[tuple[str, int, int, float]]:
-    """Centres and radii of the white cells: inside the field, never touching each other."""
+    """Centres and radii of the white cells: inside the field; a pair touches now and then."""
     placed: list[tuple[str, int, int, float]] = []
     margin = 12
-    for cls in classes:
-        lo, hi = WBC_RADIUS[cls]
-        R = float(rng.uniform(lo, hi))
+    radii = [_wbc_radius(rng, cls) for cls in classes]
+    # basophils (rare: ~0.5% of white cells) never touch another white cell here: granules
+    # cover them to the rim, so a detector could not tell where the neighbour begins
+    touch = len(classes) == 2 and rng.random() < TOUCHING_PAIR_FRACTION and "basophil" not in classes
+    for cls, R in zip(classes, radii):
+        for _ in range(500):
+            if touch and placed:
+                _, px, py, pr = placed[0]
+                ang = rng.uniform(0, 2 * np.pi)
+                d = R + pr + rng.uniform(1.0, 6.0)   # cytoplasm to cytoplasm, blurred into one
+                cx, cy = int(px + d * np.cos(ang)), int(py + d * np.sin(ang))
+                if not (R * 1.1 + margin <= cx <= width - R * 1.1 - margin
+                        and R * 1.1 + margin <= cy <= height - R * 1.1 - margin):
+                    continue
+                placed.append((cls, cx, cy, R))
+                break
+            cx = int(rng.uniform(R * 1.1 + margin, width - R * 1.1 - margin))
+            cy = int(rng.uniform(R * 1.1 + margin, height - R * 1.1 - margin))
+            if all(np.hypot(cx - x, cy - y) > (R + r) * 1.1 + 14 for _, x, y, r in placed):
+                placed.append((cls, cx, cy, R))
+                break
+        else:
+            if touch:   # no room for a touching pair here: fall back to apart
+                return _place_apart(rng, classes, radii, width, height, margin)
+            raise ValueError(f"cannot fit {len(classes)} white cells in a {width}x{height} field")
+    return placed
+
+
+def _place_apart(rng, classes, radii, width, height, margin):
+    placed = []
+    for cls, R in zip(classes, radii):
         for _ in range(500):
             cx = int(rng.uniform(R * 1.1 + margin, width - R * 1.1 - margin))
             cy = int(rng.uniform(R * 1.1 + margin, height - R * 1.1 - margin))
@@ -298,25 +448,54 @@ def _place_wbcs(rng: np.random.Generator, classes: list[str], width: int, height
 
 
 def _jitter_stains(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Per-field stain batch: each dye's strength and hue drift a little."""
-    red = np.exp(rng.normal(0, 0.06, 3)).astype(np.float32) * rng.uniform(0.85, 1.15)
-    blue = np.exp(rng.normal(0, 0.06, 3)).astype(np.float32) * rng.uniform(0.85, 1.15)
-    reddish = {"rbc", "eos_gran", "eos_cyto", "neutro_cyto", "neutro_gran"}
-    return {k: v * (red if k in reddish else blue) for k, v in STAINS.items()}
+    """Per-field stain batch: each dye's strength and hue drift (staining time, pH, dye lot)."""
+    red = np.exp(rng.normal(0, 0.09, 3)).astype(np.float32) * rng.uniform(0.8, 1.2)
+    blue = np.exp(rng.normal(0, 0.09, 3)).astype(np.float32) * rng.uniform(0.8, 1.2)
+    return {k: (v * (red if k in EOSIN_STAINS else blue)).astype(np.float32) for k, v in STAINS.items()}
+
+
+def _focus(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """Optics: blur whose strength drifts across the field (tilted slide, uneven smear)."""
+    h, w = img.shape[:2]
+    base = rng.uniform(1.0, 1.8) if rng.random() < 0.85 else rng.uniform(1.8, 3.0)
+    far = base + rng.uniform(0.0, 1.2)
+    sharp = cv2.GaussianBlur(img, (0, 0), base)
+    soft = cv2.GaussianBlur(img, (0, 0), far)
+    yy, xx = np.ogrid[0:h, 0:w]
+    yy, xx = yy.astype(np.float32), xx.astype(np.float32)
+    ang = rng.uniform(0, 2 * np.pi)
+    k = float(0.5 / (0.5 * np.hypot(w, h)))
+    ramp = (xx - w / 2) * float(np.cos(ang) * k) + (yy - h / 2) * float(np.sin(ang) * k) + 0.5
+    ramp = ramp + 0.25 * cv2.resize(_texture(rng, (h // 8 + 1, w // 8 + 1), 3.0), (w, h), interpolation=cv2.INTER_LINEAR)
+    wgt = np.clip(ramp, 0, 1)[..., None]
+    soft -= sharp
+    soft *= wgt
+    soft += sharp
+    return soft
 
 
 def _render(rng: np.random.Generator, cell_classes: list[str], size: tuple[int, int]) -> tuple[np.ndarray, list[Box]]:
     width, height = size
     f = _Field(height, width, _jitter_stains(rng))
     wbcs = _place_wbcs(rng, list(cell_classes), width, height)
-    # Red cells: random discs, some overlapping each other, none lying on a white cell.
-    target = rng.uniform(0.26, 0.44) * width * height
+    # Red cells: random discs, some overlapping each other; next to a white cell some lie on its edge.
+    target = rng.uniform(0.26, 0.48) * width * height
+    on_edge = rng.uniform(0.3, 1.0) * RBC_ON_WBC_FRACTION
     covered, attempts, rbcs = 0.0, 0, []
+    for _, x, y, r in wbcs:   # red cells pressed against (or lying on the rim of) the white cell
+        for _ in range(int(rng.integers(0, 4)) if rng.random() < RBC_ON_WBC_FRACTION + 0.3 else 0):
+            R = float(rng.uniform(25, 35))
+            ang, d = rng.uniform(0, 2 * np.pi), r + R * rng.uniform(0.82, 1.0)
+            cx, cy = x + d * np.cos(ang), y + d * np.sin(ang)
+            if min((np.hypot(cx - a, cy - b) / (R + q) for a, b, q in rbcs), default=9.0) > 0.9:
+                rbcs.append((cx, cy, R))
+                covered += np.pi * R * R
     while covered < target and attempts < 4000:
         attempts += 1
         R = float(rng.uniform(25, 35))
         cx, cy = rng.uniform(-R * 0.6, width + R * 0.6), rng.uniform(-R * 0.6, height + R * 0.6)
-        if any(np.hypot(cx - x, cy - y) < r + R - 2 for _, x, y, r in wbcs):
+        near = min((np.hypot(cx - x, cy - y) - r - R for _, x, y, r in wbcs), default=99.0)
+        if near < -2 and not (near > -0.18 * R and rng.random() < on_edge):
             continue
         overlap = min((np.hypot(cx - x, cy - y) / (R + r) for x, y, r in rbcs), default=9.0)
         if overlap < (0.72 if rng.random() < 0.25 else 0.98):
@@ -325,25 +504,34 @@ def _render(rng: np.random.Generator, cell_classes: list[str], size: tuple[int, 
         covered += np.pi * R * R
     for cx, cy, R in rbcs:
         _draw_rbc(rng, f, cx, cy, R)
-    for _ in range(int(rng.integers(0, 5))):   # platelets: small purple specks, not cells
-        pr = rng.uniform(1.5, 3.5)
-        ps = int(4 * pr) | 1
-        blob = _ellipse((ps, ps), ps / 2, ps / 2, pr, pr * rng.uniform(0.6, 1), rng.uniform(0, np.pi))
-        f.add(int(rng.uniform(0, height - ps)), int(rng.uniform(0, width - ps)), blob * 0.8, "platelet")
+    _draw_specks(rng, f)
     for cls, cx, cy, R in wbcs:
         f.wbc_boxes.append(_draw_wbc(rng, f, cls, cx, cy, R))
 
-    # Lamp: pale pinkish background, linear gradient and vignetting.
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    nx, ny = (xx - width / 2) / (width / 2), (yy - height / 2) / (height / 2)
-    g = rng.normal(0, 0.04, 2)
-    lamp = (1.0 + g[0] * nx + g[1] * ny) * (1.0 - rng.uniform(0.04, 0.12) * (nx * nx + ny * ny) / 2)
-    tint = np.array([rng.uniform(232, 246), rng.uniform(222, 236), rng.uniform(226, 240)], np.float32)
-    stain_tex = 1.0 + 0.05 * _texture(rng, (height, width), 12.0)
-    img = lamp[..., None] * tint * np.exp(-f.od * stain_tex[..., None])
-    img += rng.normal(0, 1.0, img.shape).astype(np.float32)
-    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(1.1, 1.5))
-    bgr = np.clip(img[..., ::-1] + 0.5, 0, 255).astype(np.uint8)
+    # Lamp: white balance and brightness drift per field, a linear gradient and vignetting.
+    yy, xx = np.ogrid[0:height, 0:width]
+    nx, ny = (xx.astype(np.float32) - width / 2) / (width / 2), (yy.astype(np.float32) - height / 2) / (height / 2)
+    g = [float(v) for v in rng.normal(0, 0.05, 2)]
+    vig = rng.uniform(0.04, 0.22)
+    vcx, vcy = (float(v) for v in rng.normal(0, 0.15, 2))
+    lamp = (1.0 + g[0] * nx + g[1] * ny) * (1.0 - vig * ((nx - vcx) ** 2 + (ny - vcy) ** 2) / 2)
+    bright = rng.uniform(228, 250)
+    balance = np.exp(rng.normal(0, 0.035, 3)) * np.array([1.0, 0.96, 0.98])
+    tint = np.clip(bright * balance / balance.max(), 0, 252).astype(np.float32)
+    stain_tex = 1.0 + 0.06 * cv2.resize(_texture(rng, (height // 4 + 1, width // 4 + 1), 3.0), (width, height),
+                                        interpolation=cv2.INTER_LINEAR)
+    img = f.od
+    img *= -stain_tex[..., None]
+    np.exp(img, out=img)
+    img *= lamp.astype(np.float32)[..., None]
+    img *= tint
+    img = _focus(rng, img)
+    noise = rng.standard_normal(img.shape, dtype=np.float32)
+    noise *= np.float32(rng.uniform(1.0, 2.2))
+    img += noise
+    img = cv2.GaussianBlur(img, (0, 0), 0.6)
+    img += 0.5
+    bgr = cv2.cvtColor(np.clip(img, 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
     return np.ascontiguousarray(bgr), f.wbc_boxes
 
 

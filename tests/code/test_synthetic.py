@@ -36,8 +36,18 @@ def test_render_field_draws_one_box_per_cell_inside_the_field():
     assert len(boxes) == 2
     for x0, y0, x1, y1 in boxes:
         assert 0 < x0 < x1 < 640 and 0 < y0 < y1 < 480
-    (mx0, my0, mx1, my1), (lx0, ly0, lx1, ly1) = boxes
-    assert (mx1 - mx0) > 1.5 * (lx1 - lx0), "a monocyte is much larger than a lymphocyte"
+
+
+def test_monocytes_are_larger_than_lymphocytes_on_average_but_sizes_overlap():
+    """Small lymphocytes are much smaller than monocytes; large lymphocytes reach monocyte size."""
+    def widths(cls: str) -> list[int]:
+        return [b[2] - b[0] for k in range(12)
+                for b in render_field(np.random.default_rng([5, k]), [cls], size=(200, 200))[1]]
+
+    mono, lympho = widths("monocyte"), widths("lymphocyte")
+    assert np.mean(mono) > 1.3 * np.mean(lympho)
+    assert max(lympho) > min(mono), "large lymphocytes overlap small monocytes in size"
+    assert min(lympho) < 80, "most lymphocytes stay small"
 
 
 def test_render_field_background_is_pale_and_cells_are_dark():
@@ -128,7 +138,9 @@ def _cell_features(img: np.ndarray, box) -> np.ndarray:
 
 
 def test_classes_are_distinct_enough_to_learn():
-    """A linear model on colour histograms must separate the five classes on unseen cells."""
+    """A linear model on colour histograms separates the five classes on unseen cells well, though
+    not perfectly: look-alikes (band neutrophils, large lymphocytes, pale eosinophils, hypogranular
+    basophils) and per-field stain drift overlap them. Measured ~0.80; asserted with margin."""
     def sample(seed: int, n: int):
         xs, ys = [], []
         for i in range(n):
@@ -141,4 +153,96 @@ def test_classes_are_distinct_enough_to_learn():
     x_train, y_train = sample(10, 8)
     x_test, y_test = sample(11, 6)
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, y_train)
-    assert model.score(x_test, y_test) >= 0.9
+    assert model.score(x_test, y_test) >= 0.65
+
+
+# --- realism: stain / lamp drift, focus drift, touching cells, look-alike nuclei, debris ---
+
+def _background_and_sharpness(seed: int) -> tuple[np.ndarray, float]:
+    img, _ = render_field(np.random.default_rng([seed, 0]), ["neutrophil"])
+    gray = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    bright = gray >= np.percentile(gray, 80)          # plasma between the cells
+    return img[bright].astype(float).mean(0), float(cv2.Laplacian(gray, cv2.CV_32F).var())
+
+
+def test_fields_differ_in_stain_illumination_and_focus():
+    stats = [_background_and_sharpness(s) for s in range(12)]
+    backgrounds = np.array([b for b, _ in stats])
+    sharpness = np.array([v for _, v in stats])
+    assert np.ptp(backgrounds.mean(1)) > 8, "lamp brightness drifts between fields"
+    tint = backgrounds - backgrounds.mean(1, keepdims=True)
+    assert np.ptp(tint, axis=0).max() > 6, "white balance / stain tint drifts between fields"
+    assert sharpness.max() > 1.5 * sharpness.min(), "some fields are less in focus than others"
+    assert (backgrounds.min(1) > 180).all(), "the background stays pale"
+
+
+def test_focus_drifts_across_one_field():
+    """Blur strength varies within a field: a grid of sharp lines comes out blurrier on one side."""
+    from hemaflow.synthetic import _focus
+
+    grid = np.zeros((480, 640, 3), np.float32)
+    grid[:, ::16] = grid[::16, :] = 200
+    ratios = []
+    for s in range(8):
+        out = _focus(np.random.default_rng([40, s]), grid.copy())[..., 0]
+        peaks = [out[y:y + 120, x:x + 160].max() for y in range(0, 480, 120) for x in range(0, 640, 160)]
+        ratios.append(max(peaks) / min(peaks))
+    assert max(ratios) > 1.15 and np.median(ratios) > 1.1, ratios
+
+
+def test_white_cells_touch_red_cells_and_now_and_then_each_other(monkeypatch):
+    """Record where red cells are drawn: many white cells have one against or on their rim."""
+    import hemaflow.synthetic as synthetic
+
+    drawn: list[tuple[float, float, float]] = []
+    real = synthetic._draw_rbc
+
+    def spy(rng, f, cx, cy, R):
+        drawn.append((cx, cy, R))
+        real(rng, f, cx, cy, R)
+
+    monkeypatch.setattr(synthetic, "_draw_rbc", spy)
+    touching_rbc = touching_pairs = 0
+    for s in range(20):
+        drawn.clear()
+        _, boxes = render_field(np.random.default_rng([60, s]), ["lymphocyte", "monocyte"])
+        centres = [((x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2) for x0, y0, x1, y1 in boxes]
+        for x, y, r in centres:
+            touching_rbc += min(np.hypot(cx - x, cy - y) - r - R for cx, cy, R in drawn) < 1.0
+        (xa, ya, ra), (xb, yb, rb) = centres
+        touching_pairs += np.hypot(xa - xb, ya - yb) - ra - rb < 8
+    assert touching_rbc >= 15, f"only {touching_rbc} of 40 white cells touch a red cell"
+    assert 1 <= touching_pairs <= 12, f"{touching_pairs} of 20 white-cell pairs touch"
+
+
+def test_neutrophils_are_segmented_or_band_shaped(monkeypatch):
+    """A share of neutrophils get a band (one curved C/S piece), the rest 2-5 lobes."""
+    import hemaflow.synthetic as synthetic
+
+    for s in range(5):
+        band = synthetic._nucleus_band(np.random.default_rng([71, s]), 121, 50.0) > 0.5
+        contours, _ = cv2.findContours(band.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        assert len(contours) == 1, "a band nucleus is one piece"
+        assert band.sum() < 0.88 * cv2.contourArea(cv2.convexHull(contours[0])), "... and curved"
+    kinds = []
+    monkeypatch.setattr(synthetic, "_nucleus_band", lambda rng, size, R: kinds.append("band") or np.zeros((size, size)))
+    monkeypatch.setattr(synthetic, "_nucleus_segmented", lambda rng, size, R, n: kinds.append(n) or np.zeros((size, size)))
+    for s in range(60):
+        synthetic._nucleus_neutrophil(np.random.default_rng([70, s]), 121, 50.0)
+    assert 10 <= kinds.count("band") <= 32
+    assert {2, 3, 4, 5} <= set(kinds)
+
+
+def test_empty_fields_carry_platelets_and_debris_but_no_white_cell():
+    from hemaflow.config import SegmentParams
+    from tasks.segment import find_white_cells
+
+    cfg = SegmentParams(method="optical_density")
+    specks = 0
+    for s in range(4):
+        img, _ = render_field(np.random.default_rng([80, s]), [])
+        hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+        purple = ((hsv[..., 0] > 120) & (hsv[..., 0] < 165) & (hsv[..., 1] > 40)).astype(np.uint8)
+        specks += cv2.connectedComponents(purple)[0] - 1
+        assert find_white_cells(img, cfg) == [], "specks and clumps are not taken for white cells"
+    assert specks >= 8, "platelets and stain precipitate: small purple specks"
