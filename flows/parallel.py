@@ -20,7 +20,7 @@ from prefect.futures import as_completed
 from prefect_dask import DaskTaskRunner
 from threadpoolctl import threadpool_limits
 
-from hemaflow.batches import BatchRunner
+from hemaflow.batches import BatchRunner, run_serial
 from hemaflow.config import ParallelParams
 from hemaflow.errors import is_transient as transient_error
 from hemaflow.progress import Progress
@@ -170,6 +170,8 @@ def prefect_batch_runner(stage: str) -> BatchRunner:
     batch_task = run_batch.with_options(name=f"{stage}-batch", task_run_name=f"{stage}-batch-{{index}}")
 
     def run(fn: Callable[[Sequence], Any], batches: list[Sequence], progress: Progress | None = None) -> list:
+        if len(batches) <= 1:  # under one task's worth of work: Dask would only add overhead
+            return run_serial(fn, batches, progress)
         total, done = sum(len(b) for b in batches), 0
         if progress:
             progress(0, total)
