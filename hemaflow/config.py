@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Frozen(BaseModel):
@@ -175,14 +175,42 @@ class CheckQualityParams(_Frozen):
 
 
 class TrainParams(_Frozen):
-    architecture: Literal["small_cnn", "study_cnn"] = "small_cnn"
+    architecture: Literal["small_cnn", "study_cnn", "mlp", "shallow_cnn", "lenet", "study_resnet",
+                          "resnet_small"] = "small_cnn"
     image_size: int = Field(64, ge=16)
     epochs: int = Field(12, ge=1)
     batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(0.002, gt=0)
+    learning_rate: float = Field(0.002, gt=0)     # peak rate (after warm-up)
+    # tf.data augmentation of train images: dihedral flips/90-degree rotations, shifts, colour jitter
     online_augmentation: bool = False
+    shift_frac: float = Field(0.1, ge=0, le=0.5)   # online: shift up to this fraction of the side (reflect fill)
+    colour_jitter: float = Field(0.1, ge=0, le=0.5)  # online: brightness/contrast/saturation change up to this
+    augmentation_layers: bool = False             # Keras random layers (any-angle rotation, zoom) inside the model
     devices: str = Field("auto", pattern=r"^(auto|cpu|gpu|cpu:[1-9][0-9]*)$")
     patience: int = Field(4, ge=1)  # epochs without val-loss improvement before stopping
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)        # decoupled weight decay (any optimizer; adamw's reason to exist)
+    momentum: float = Field(0.9, ge=0, lt=1)       # sgd only (Nesterov)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to 0 at the last planned epoch
+    warmup_epochs: float = Field(0, ge=0)         # linear warm-up from 0 to learning_rate
+    class_weight: Literal["none", "balanced"] = "none"  # balanced: n / (classes x count) per class
+    # mixed_bfloat16: bf16 maths, float32 weights and softmax (~1.7x faster on CPUs with AMX/AVX512-BF16)
+    precision: Literal["float32", "mixed_bfloat16"] = "float32"
+    max_minutes: float | None = Field(None, gt=0)  # stop after the epoch that passes this training time
+    # architecture options (each builder uses those it has; see hemaflow/models.py)
+    units: int = Field(128, ge=1)                 # mlp hidden units
+    kernels: int = Field(64, ge=1)                # shallow_cnn conv kernels
+    kernel_size: int = Field(9, ge=1)             # shallow_cnn kernel side
+    dropout: float = Field(0.0, ge=0, lt=1)       # before the softmax (mlp, shallow_cnn, lenet, resnets)
+    width: int = Field(32, ge=1)                  # resnet_small filters of the first stage (then 2x, 4x)
+    depth: int = Field(2, ge=1)                   # resnet_small residual blocks per stage
+
+    @model_validator(mode="after")
+    def _warmup_within_epochs(self):
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
+        return self
 
 
 class EvaluateParams(_Frozen):

@@ -7,12 +7,15 @@ are used so `keras.models.load_model` needs no custom objects.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import keras
 from keras import layers
 
 ModelBuilder = Callable[..., keras.Model]
+# The softmax layer is float32 in every model, so under a mixed-precision policy
+# (train.precision: mixed_bfloat16) probabilities and the loss stay float32.
 
 # Cells have no preferred orientation, so any rotation or flip is a valid view of the same class.
 ROTATION_FACTOR = 0.5    # fraction of a full turn: +-180 degrees
@@ -59,7 +62,7 @@ def build_small_cnn(input_shape: tuple[int, int, int], n_classes: int, online_au
             x = layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(0.3, name="dropout")(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name="probabilities")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="small_cnn")
 
 
@@ -81,24 +84,134 @@ def build_study_cnn(input_shape: tuple[int, int, int], n_classes: int, online_au
         x = layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dropout(0.5, name="dropout")(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name="probabilities")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="study_cnn")
+
+
+def _classifier_head(x, n_classes: int, dropout: float):
+    if dropout > 0:
+        x = layers.Dropout(dropout, name="dropout")(x)
+    return layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+
+
+def build_mlp(input_shape: tuple[int, int, int], n_classes: int, online_augmentation: bool = False,
+              units: int = 128, dropout: float = 0.25) -> keras.Model:
+    """The BloodMNIST reports' MLP: flattened pixels, one ReLU hidden layer, dropout, softmax."""
+    _check_classes(n_classes)
+    inputs, x = _inputs(input_shape, online_augmentation)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(units, activation="relu", name="hidden")(x)
+    return keras.Model(inputs, _classifier_head(x, n_classes, dropout), name="mlp")
+
+
+def build_shallow_cnn(input_shape: tuple[int, int, int], n_classes: int, online_augmentation: bool = False,
+                      kernels: int = 64, kernel_size: int = 9, dropout: float = 0.0) -> keras.Model:
+    """BloodMNIST report B: one Conv2D (64 kernels 9x9, same padding, ReLU), 2x2 max pool,
+    flatten, softmax -- 115,976 params at 28x28x3 with 8 classes."""
+    _check_classes(n_classes)
+    inputs, x = _inputs(input_shape, online_augmentation)
+    x = layers.Conv2D(kernels, kernel_size, padding="same", activation="relu", name="conv1")(x)
+    x = layers.MaxPooling2D(2, name="pool1")(x)
+    x = layers.Flatten(name="flatten")(x)
+    return keras.Model(inputs, _classifier_head(x, n_classes, dropout), name="shallow_cnn")
+
+
+LENET_MIN_SIZE = 16  # two valid 5x5 convs and two 2x2 pools
+
+
+def build_lenet(input_shape: tuple[int, int, int], n_classes: int, online_augmentation: bool = False,
+                dropout: float = 0.0) -> keras.Model:
+    """LeNet-5 on RGB: Conv 6@5x5 - pool - Conv 16@5x5 - pool - Dense 120 - Dense 84 - softmax."""
+    _check_classes(n_classes)
+    if min(input_shape[:2]) < LENET_MIN_SIZE:
+        raise ValueError(f"lenet needs images of at least {LENET_MIN_SIZE}x{LENET_MIN_SIZE}; "
+                         f"got {input_shape[0]}x{input_shape[1]}")
+    inputs, x = _inputs(input_shape, online_augmentation)
+    x = layers.Conv2D(6, 5, activation="relu", name="conv1")(x)
+    x = layers.MaxPooling2D(2, name="pool1")(x)
+    x = layers.Conv2D(16, 5, activation="relu", name="conv2")(x)
+    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(120, activation="relu", name="fc1")(x)
+    x = layers.Dense(84, activation="relu", name="fc2")(x)
+    return keras.Model(inputs, _classifier_head(x, n_classes, dropout), name="lenet")
+
+
+def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = True):
+    x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
+                      kernel_initializer="he_normal", name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x) if relu else x
+
+
+def _residual_block(x, filters: int, stride: int, name: str):
+    """Basic block: two 3x3 conv-BN, identity shortcut or 1x1 conv-BN projection when the shape changes."""
+    shortcut = x
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = _conv_bn(x, filters, 1, stride, f"{name}_proj", relu=False)
+    y = _conv_bn(x, filters, 3, stride, f"{name}_a")
+    y = _conv_bn(y, filters, 3, 1, f"{name}_b", relu=False)
+    y = layers.Add(name=f"{name}_add")([y, shortcut])
+    return layers.ReLU(name=f"{name}_out")(y)
+
+
+def build_study_resnet(input_shape: tuple[int, int, int], n_classes: int, online_augmentation: bool = False,
+                       dropout: float = 0.0) -> keras.Model:
+    """BloodMNIST report A's small ResNet: conv 64 3x3, two residual blocks doubling the
+    filters (128, 256) with stride 2 and 1x1 projection shortcuts, BN, global average pooling, dense."""
+    _check_classes(n_classes)
+    inputs, x = _inputs(input_shape, online_augmentation)
+    x = _conv_bn(x, 64, 3, 1, "stem")
+    for i, filters in enumerate((128, 256)):
+        x = _residual_block(x, filters, 2, f"block{i + 1}")
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, _classifier_head(x, n_classes, dropout), name="study_resnet")
+
+
+def build_resnet_small(input_shape: tuple[int, int, int], n_classes: int, online_augmentation: bool = False,
+                       width: int = 32, depth: int = 2, dropout: float = 0.0) -> keras.Model:
+    """Small-image ResNet: 3x3 stride-1 stem (no early pooling, fine detail of 28 px cells is
+    kept), three stages of `depth` basic blocks at width, 2x, 4x filters (stride 2 between
+    stages, 1x1 projections), BN, global average pooling, softmax. width 32, depth 2: ~0.7M params."""
+    _check_classes(n_classes)
+    if width < 1 or depth < 1:
+        raise ValueError(f"resnet_small needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
+    inputs, x = _inputs(input_shape, online_augmentation)
+    x = _conv_bn(x, width, 3, 1, "stem")
+    for stage, filters in enumerate((width, 2 * width, 4 * width)):
+        for block in range(depth):
+            stride = 2 if stage > 0 and block == 0 else 1
+            x = _residual_block(x, filters, stride, f"stage{stage + 1}_block{block + 1}")
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, _classifier_head(x, n_classes, dropout), name="resnet_small")
 
 
 MODEL_BUILDERS: dict[str, ModelBuilder] = {
     "small_cnn": build_small_cnn,
     "study_cnn": build_study_cnn,
+    "mlp": build_mlp,
+    "shallow_cnn": build_shallow_cnn,
+    "lenet": build_lenet,
+    "study_resnet": build_study_resnet,
+    "resnet_small": build_resnet_small,
 }
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], n_classes: int,
-                online_augmentation: bool = False) -> keras.Model:
-    """Build the architecture registered under `name` (params.yaml train.architecture)."""
+                online_augmentation: bool = False, **options) -> keras.Model:
+    """Build the architecture registered under `name` (params.yaml train.architecture).
+
+    `options` (units, kernels, kernel_size, dropout, width, depth: TrainParams fields) go to
+    the builders that take them; those a builder has no use for are ignored, so the train
+    stage can pass every option whatever the architecture.
+    """
     try:
         builder = MODEL_BUILDERS[name]
     except KeyError:
         raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(sorted(MODEL_BUILDERS))}") from None
-    return builder(tuple(input_shape), n_classes, online_augmentation=online_augmentation)
+    accepted = inspect.signature(builder).parameters
+    kwargs = {k: v for k, v in options.items() if k in accepted}
+    return builder(tuple(input_shape), n_classes, online_augmentation=online_augmentation, **kwargs)
 
 
 def _check_classes(n_classes: int) -> None:

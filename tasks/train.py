@@ -76,26 +76,98 @@ def read_dataset(dataset_path: Path, classes: tuple[str, ...], classes_from: str
 
 
 def load_image(path, image_size: int):
-    """PNG/JPEG file -> float32 (image_size, image_size, 3) RGB in 0-255 (the model rescales)."""
+    """PNG/JPEG file -> float32 (image_size, image_size, 3) RGB in 0-255 (the model rescales).
+
+    Rounded to whole values: exactly the pixels of the uint8 training cache."""
     import tensorflow as tf
 
     img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     img = tf.image.resize(img, (image_size, image_size), antialias=True)
+    img = tf.round(tf.clip_by_value(img, 0.0, 255.0))
     img.set_shape((image_size, image_size, 3))
     return img
 
 
+def augment_image(image, seed, shift_frac: float = 0.1, colour_jitter: float = 0.1):
+    """One random view of a uint8/float (H, W, 3) 0-255 image, from a stateless seed (shape (2,)):
+    any of the 8 flips/90-degree rotations, a shift of up to shift_frac of the side (reflected
+    border), brightness/contrast/saturation changed by up to colour_jitter. Returns float32 0-255."""
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=7)
+    x = tf.cast(image, tf.float32)
+    x = tf.image.stateless_random_flip_left_right(x, seeds[0])
+    x = tf.image.stateless_random_flip_up_down(x, seeds[1])
+    if x.shape[0] == x.shape[1]:  # a transpose + the two flips give all 8 dihedral views
+        transpose = tf.random.stateless_uniform((), seeds[2]) < 0.5
+        x = tf.cond(transpose, lambda: tf.transpose(x, (1, 0, 2)), lambda: x)
+    h, w = x.shape[0], x.shape[1]
+    pad = int(round(shift_frac * min(h, w)))
+    if pad > 0:
+        x = tf.pad(x, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+        x = tf.image.stateless_random_crop(x, (h, w, 3), seeds[3])
+    if colour_jitter > 0:
+        x = tf.image.stateless_random_brightness(x, 255.0 * colour_jitter, seeds[4])
+        x = tf.image.stateless_random_contrast(x, 1 - colour_jitter, 1 + colour_jitter, seeds[5])
+        x = tf.image.stateless_random_saturation(x, 1 - colour_jitter, 1 + colour_jitter, seeds[6])
+        x = tf.clip_by_value(x, 0.0, 255.0)
+    return x
+
+
 def make_image_dataset(paths: list[str], labels: list[int], image_size: int, batch_size: int,
-                       shuffle_seed: int | None = None, drop_remainder: bool = False):
-    """tf.data pipeline: decode + resize once (cached), optionally shuffle per epoch, batch, prefetch."""
+                       shuffle_seed: int | None = None, drop_remainder: bool = False, n_classes: int | None = None,
+                       augment: dict | None = None, augment_seed: int = 0):
+    """tf.data pipeline streaming from the files: decode + resize once, cached as uint8 (a
+    quarter of float32's memory), optionally shuffled per epoch and augmented (augment:
+    augment_image keyword arguments; a fresh random view every epoch, reproducible from
+    augment_seed), batched, prefetched. Labels are one-hot when n_classes is given."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, dtype=np.int32)))
-    ds = ds.map(lambda p, y: (load_image(p, image_size), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(lambda p, y: (tf.cast(load_image(p, image_size), tf.uint8), y),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.cache()
     if shuffle_seed is not None:
         ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+    if augment is not None:
+        seeds = tf.data.Dataset.random(seed=augment_seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds).map(lambda xy, s: (augment_image(xy[0], s, **augment), xy[1]),
+                                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
+    if n_classes is not None:
+        ds = ds.map(lambda x, y: (x, tf.one_hot(y, n_classes)))
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+def build_optimizer(cfg: TrainParams, steps_per_epoch: int):
+    """cfg.optimizer with its learning-rate schedule: linear warm-up over cfg.warmup_epochs,
+    then constant or cosine decay to 0 at cfg.epochs (built-in Keras schedules only, so the
+    saved model.keras loads without custom objects)."""
+    import keras
+
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    lr = cfg.learning_rate
+    if cfg.lr_schedule == "cosine" or warmup:
+        # CosineDecay with alpha=1 stays at the peak: a constant rate after the warm-up
+        lr = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup else cfg.learning_rate, decay_steps=max(1, total - warmup),
+            alpha=0.0 if cfg.lr_schedule == "cosine" else 1.0,
+            warmup_target=cfg.learning_rate if warmup else None, warmup_steps=warmup)
+    decay = cfg.weight_decay or None
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=True, weight_decay=decay)
+    if cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
+    return keras.optimizers.Adam(lr, weight_decay=decay)
+
+
+def balanced_class_weights(labels: list[int], n_classes: int) -> dict[int, float]:
+    """sklearn's 'balanced' weights: n_samples / (n_classes x count); absent classes get 1."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=n_classes)
+    present = int((counts > 0).sum())
+    return {i: (len(labels) / (present * c) if c else 1.0) for i, c in enumerate(counts)}
 
 
 def replica_batch_size(batch_size: int, n_rows: int, replicas: int) -> int:
@@ -169,6 +241,24 @@ def _epoch_timer():
     return EpochTimer()
 
 
+def _time_budget(max_minutes: float):
+    import keras
+
+    class TimeBudget(keras.callbacks.Callback):
+        """Stops training after the epoch in which max_minutes of fitting have passed."""
+
+        def on_train_begin(self, logs=None):
+            self._t0 = time.perf_counter()
+            self.stopped_epoch = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            if time.perf_counter() - self._t0 >= 60 * max_minutes:
+                self.stopped_epoch = epoch + 1
+                self.model.stop_training = True
+
+    return TimeBudget()
+
+
 def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: tuple[str, ...], seed: int,
                 progress: Progress | None = None) -> TrainResult:
     """Train cfg.architecture; write model.keras, labels.json, history.json,
@@ -200,29 +290,46 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     global_batch = replica_batch_size(cfg.batch_size, len(train_df), replicas)
     per_epoch = len(train_df) // global_batch * global_batch if replicas > 1 else len(train_df)
 
+    augment = ({"shift_frac": cfg.shift_frac, "colour_jitter": cfg.colour_jitter}
+               if cfg.online_augmentation else None)
+
     def as_dataset(part: pd.DataFrame, shuffle: bool):
         paths = [str(dataset_dir / p) for p in part["path"]]
         return make_image_dataset(paths, [index[c] for c in part["label"]], cfg.image_size,
                                   replica_batch_size(cfg.batch_size, len(part), replicas),
-                                  shuffle_seed=seed if shuffle else None, drop_remainder=shuffle and replicas > 1)
+                                  shuffle_seed=seed if shuffle else None, drop_remainder=shuffle and replicas > 1,
+                                  n_classes=len(classes), augment=augment if shuffle else None, augment_seed=seed)
 
     train_ds = as_dataset(train_df, shuffle=True)
     val_ds = as_dataset(val_df, shuffle=False) if len(val_df) else None
     monitor = "val_loss" if val_ds is not None else "loss"
+    steps_per_epoch = len(train_df) // global_batch if replicas > 1 else -(-len(train_df) // global_batch)
+    train_labels = [index[c] for c in train_df["label"]]
+    class_weight = balanced_class_weights(train_labels, len(classes)) if cfg.class_weight == "balanced" else None
 
     with strategy.scope():
-        model = build_model(cfg.architecture, (cfg.image_size, cfg.image_size, 3), len(classes),
-                            online_augmentation=cfg.online_augmentation)
-        model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        previous_policy = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(cfg.precision)
+        try:
+            model = build_model(cfg.architecture, (cfg.image_size, cfg.image_size, 3), len(classes),
+                                online_augmentation=cfg.augmentation_layers, units=cfg.units, kernels=cfg.kernels,
+                                kernel_size=cfg.kernel_size, dropout=cfg.dropout, width=cfg.width,
+                                depth=cfg.depth)
+        finally:
+            keras.config.set_dtype_policy(previous_policy)
+        model.compile(optimizer=build_optimizer(cfg, steps_per_epoch),
+                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
 
     stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True)
     timer = _epoch_timer()
-    callbacks = [stopper, timer] + ([_progress_callback(progress, cfg.epochs)] if progress else [])
+    budget = _time_budget(cfg.max_minutes) if cfg.max_minutes else None
+    callbacks = [stopper, timer] + ([budget] if budget else []) + (
+        [_progress_callback(progress, cfg.epochs)] if progress else [])
     t0 = time.perf_counter()
     try:
         fit = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks,
-                        shuffle=False, verbose=0)
+                        shuffle=False, verbose=0, class_weight=class_weight)
     except tf.errors.OpError:
         bad = find_unreadable([str(dataset_dir / p) for p in df["path"]])
         if bad:
@@ -256,7 +363,9 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
         "n_images_per_class_train": train_df["label"].value_counts().reindex(classes, fill_value=0).to_dict(),
         "epochs_run": epochs_run, "best_epoch": best_epoch, "monitor": monitor, "best_metrics": result.best,
         "global_batch_size": global_batch, "train_images_per_epoch": per_epoch,
-        "val_rows_unused": val_unused,
+        "val_rows_unused": val_unused, "steps_per_epoch": steps_per_epoch,
+        "class_weight": {classes[i]: round(w, 4) for i, w in class_weight.items()} if class_weight else None,
+        "stopped_by_time_budget": bool(budget and budget.stopped_epoch),
         "seconds": round(seconds, 3), "images_per_second": round(result.images_per_second, 1),
         "images_per_second_steady": round(per_epoch / float(np.median(steady)), 1),
         "model_parameters": int(model.count_params()),

@@ -13,7 +13,8 @@ import pytest
 
 from hemaflow.config import TrainParams
 from hemaflow.errors import StageInputError
-from hemaflow.tasks.train import load_image, replica_batch_size, train_model
+from hemaflow.tasks.train import (augment_image, balanced_class_weights, build_optimizer, load_image,
+                                  make_image_dataset, replica_batch_size, train_model)
 from tests.code.synthetic_wbc import CLASSES, write_dataset
 
 CFG = TrainParams(image_size=32, epochs=8, batch_size=8, learning_rate=0.003, patience=4)
@@ -153,3 +154,149 @@ def test_model_dir_holding_the_dataset_is_not_cleared(small_data):
     with pytest.raises(StageInputError, match="contains the input"):
         train_model(small_data, small_data.parent, CFG, CLASSES, SEED)
     assert (small_data / "dataset.parquet").is_file()
+
+
+
+# --- the training recipe: augmentation, optimisers, schedules, class weights ---------------
+
+def _ramp(size: int = 16) -> np.ndarray:
+    return np.arange(size * size * 3, dtype=np.uint8).reshape(size, size, 3)
+
+
+def test_augment_image_is_reproducible_from_its_seed_and_varies_between_seeds():
+    import tensorflow as tf
+
+    img = _ramp()
+    a = augment_image(img, tf.constant([1, 2])).numpy()
+    assert a.dtype == np.float32 and a.shape == img.shape and a.min() >= 0 and a.max() <= 255
+    np.testing.assert_array_equal(a, augment_image(img, tf.constant([1, 2])).numpy())
+    views = {augment_image(img, tf.constant([s, 0])).numpy().tobytes() for s in range(8)}
+    assert len(views) > 4
+
+
+def test_augment_image_without_shift_or_jitter_is_a_flip_or_90_degree_rotation():
+    import tensorflow as tf
+
+    img = _ramp()
+    dihedral = [np.rot90(f, k) for f in (img, img[:, ::-1]) for k in range(4)]
+    seen = set()
+    for s in range(24):
+        out = augment_image(img, tf.constant([s, 7]), shift_frac=0.0, colour_jitter=0.0).numpy()
+        match = [i for i, d in enumerate(dihedral) if np.array_equal(out, d)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert len(seen) >= 6  # all eight views occur; 24 draws see most of them
+
+
+def test_pipeline_streams_whole_pixel_images_with_one_hot_labels(tmp_path):
+    df = write_dataset(tmp_path, {"train": 2}, size=20)
+    paths = [str(tmp_path / p) for p in df["path"]]
+    labels = [CLASSES.index(c) for c in df["label"]]
+    ds = make_image_dataset(paths, labels, 16, 4, shuffle_seed=0, n_classes=len(CLASSES),
+                            augment={"shift_frac": 0.1, "colour_jitter": 0.1}, augment_seed=3)
+    batches = list(ds)
+    assert sum(int(x.shape[0]) for x, _ in batches) == len(paths)
+    x, y = batches[0]
+    assert x.dtype.name == "float32" and tuple(x.shape[1:]) == (16, 16, 3)
+    assert y.shape[1] == len(CLASSES) and np.all(y.numpy().sum(axis=1) == 1)
+    plain = make_image_dataset(paths, labels, 16, 100)
+    x_plain, y_plain = next(iter(plain))
+    np.testing.assert_array_equal(x_plain.numpy(), np.round(x_plain.numpy()))  # uint8 cache: whole values
+    assert y_plain.dtype.name == "int32"  # sparse labels unless n_classes is given
+    # a new random view every epoch, the same sequence for the same seed
+    again = make_image_dataset(paths, labels, 16, 4, shuffle_seed=0, n_classes=len(CLASSES),
+                               augment={"shift_frac": 0.1, "colour_jitter": 0.1}, augment_seed=3)
+    np.testing.assert_array_equal(next(iter(again))[0].numpy(), x.numpy())
+    assert not np.array_equal(list(ds)[0][0].numpy(), x.numpy())
+
+
+def _lr(opt, step: int) -> float:
+    lr = opt._learning_rate
+    return float(lr(step)) if callable(lr) else float(lr)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    cfg = TrainParams(epochs=10, learning_rate=0.01, lr_schedule="cosine", warmup_epochs=1, optimizer="adamw",
+                      weight_decay=0.05)
+    opt = build_optimizer(cfg, steps_per_epoch=10)
+    assert type(opt).__name__ == "AdamW" and opt.weight_decay == pytest.approx(0.05)
+    assert _lr(opt, 0) == pytest.approx(0.0)
+    assert _lr(opt, 5) == pytest.approx(0.005)
+    assert _lr(opt, 10) == pytest.approx(0.01)
+    assert _lr(opt, 55) == pytest.approx(0.005, rel=1e-3)  # half-way through the decay
+    assert _lr(opt, 100) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_constant_schedule_with_warmup_and_sgd():
+    cfg = TrainParams(epochs=4, learning_rate=0.1, warmup_epochs=1, optimizer="sgd", momentum=0.8)
+    opt = build_optimizer(cfg, steps_per_epoch=4)
+    assert type(opt).__name__ == "SGD" and opt.nesterov and opt.momentum == pytest.approx(0.8)
+    assert _lr(opt, 2) == pytest.approx(0.05)
+    assert _lr(opt, 4) == pytest.approx(0.1) and _lr(opt, 15) == pytest.approx(0.1)
+    assert _lr(build_optimizer(TrainParams(learning_rate=0.1), 4), 9) == pytest.approx(0.1)
+
+
+def test_balanced_class_weights_match_sklearn():
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = [0] * 6 + [1] * 3 + [2]
+    w = balanced_class_weights(labels, 4)
+    np.testing.assert_allclose([w[0], w[1], w[2]], compute_class_weight("balanced", classes=np.arange(3), y=labels))
+    assert w[3] == 1.0
+
+
+def test_warmup_must_end_before_training_does():
+    with pytest.raises(ValueError, match=r"warmup_epochs \(3.0\) must be less than epochs \(3\)"):
+        TrainParams(epochs=3, warmup_epochs=3)
+
+
+def test_shipped_params_files_still_load():
+    from hemaflow.config import load_params
+
+    root = Path(__file__).resolve().parents[2]
+    for path in (root / "params.yaml", root / "examples" / "pbc.params.yaml"):
+        assert load_params(path).train.architecture in {"small_cnn", "resnet_small"}
+
+
+RECIPE = TrainParams(architecture="resnet_small", width=4, depth=1, image_size=24, epochs=3, batch_size=16,
+                     learning_rate=0.01, optimizer="adamw", weight_decay=0.01, label_smoothing=0.1,
+                     lr_schedule="cosine", warmup_epochs=1, class_weight="balanced", online_augmentation=True,
+                     precision="mixed_bfloat16", dropout=0.1, patience=3, devices="cpu")
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    write_dataset(root / "data", {"train": 6, "val": 2, "test": 2}, size=32)
+    result = train_model(root / "data", root / "model", RECIPE, CLASSES, SEED)
+    return root, result
+
+
+def test_recipe_options_train_and_save_a_loadable_model(recipe_run):
+    root, result = recipe_run
+    summary = json.loads((root / "model" / "train_summary.json").read_text())
+    assert summary["params"] == RECIPE.model_dump() and summary["steps_per_epoch"] == 2  # 30 rows / 16
+    assert set(summary["class_weight"]) == set(CLASSES) and not summary["stopped_by_time_budget"]
+    history = json.loads((root / "model" / "history.json").read_text())
+    assert len(history["loss"]) == result.epochs_run == 3 and all(np.isfinite(history["loss"]))
+    model = keras.models.load_model(root / "model" / "model.keras")
+    assert model.name == "resnet_small" and "online_augmentation" not in [l.name for l in model.layers]
+    assert model.get_layer("stem_conv").compute_dtype == "bfloat16"
+    probs = model.predict(np.zeros((2, 24, 24, 3), np.float32), verbose=0)
+    assert probs.dtype == np.float32 and probs.shape == (2, len(CLASSES))
+
+
+def test_recipe_with_online_augmentation_is_reproducible(recipe_run, tmp_path):
+    root, _ = recipe_run
+    train_model(root / "data", tmp_path / "model", RECIPE, CLASSES, SEED)
+    first = json.loads((root / "model" / "history.json").read_text())
+    second = json.loads((tmp_path / "model" / "history.json").read_text())
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert second[key] == first[key], key
+
+
+def test_time_budget_stops_after_the_epoch_that_passes_it(small_data, tmp_path):
+    cfg = CFG.model_copy(update={"max_minutes": 1e-6, "epochs": 5})
+    result = train_model(small_data, tmp_path / "model", cfg, CLASSES, SEED)
+    summary = json.loads((tmp_path / "model" / "train_summary.json").read_text())
+    assert result.epochs_run == 1 and summary["stopped_by_time_budget"]
