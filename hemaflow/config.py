@@ -197,7 +197,7 @@ class TrainParams(_Frozen):
     class_weight: Literal["none", "balanced"] = "none"  # balanced: n / (classes x count) per class
     # mixed_bfloat16: bf16 maths, float32 weights and softmax (~1.7x faster on CPUs with AMX/AVX512-BF16)
     precision: Literal["float32", "mixed_bfloat16"] = "float32"
-    max_minutes: float | None = Field(None, gt=0)  # stop after the epoch that passes this training time
+    max_minutes: float | None = Field(None, gt=0)  # training time budget: no epoch starts that would end past it
     # architecture options (each builder uses those it has; see hemaflow/models.py)
     units: int = Field(128, ge=1)                 # mlp hidden units
     kernels: int = Field(64, ge=1)                # shallow_cnn conv kernels

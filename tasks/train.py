@@ -245,14 +245,21 @@ def _time_budget(max_minutes: float):
     import keras
 
     class TimeBudget(keras.callbacks.Callback):
-        """Stops training after the epoch in which max_minutes of fitting have passed."""
+        """Stops training once another epoch would end past max_minutes (judged by the slowest
+        epoch so far, not counting the first, which also decodes and caches the images)."""
 
         def on_train_begin(self, logs=None):
             self._t0 = time.perf_counter()
+            self._durations: list[float] = []
             self.stopped_epoch = 0
 
+        def on_epoch_begin(self, epoch, logs=None):
+            self._epoch_t0 = time.perf_counter()
+
         def on_epoch_end(self, epoch, logs=None):
-            if time.perf_counter() - self._t0 >= 60 * max_minutes:
+            now = time.perf_counter()
+            self._durations.append(now - self._epoch_t0)
+            if now - self._t0 + max(self._durations[1:] or self._durations) > 60 * max_minutes:
                 self.stopped_epoch = epoch + 1
                 self.model.stop_training = True
 
