@@ -14,7 +14,8 @@ never saw, after at most ~20 minutes of training on a 2-core CPU.
             the centre crop (counted).
   Both crop types use the same split (the same images in train, val and test).
 - Training: tasks.train.train_model with the recipe below (--architecture etc.), the
-  pipeline resizing the crops to --image-size; --minutes stops it after that much training.
+  pipeline resizing the crops to --image-size; --minutes is the training time budget
+  (train.max_minutes: no epoch starts that would end past it).
 - Scoring: sklearn accuracy and balanced accuracy on the test split, plain and with
   test-time augmentation (mean probability over the 4 rotations by 90 degrees).
 - Pipeline: train batches/s of the tf.data pipeline (cached uint8, shuffle, augment,
