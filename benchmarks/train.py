@@ -104,7 +104,7 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
 
 def segment_crop(img: np.ndarray, size: int) -> np.ndarray | None:
     """The pipeline's crop of the detected cell nearest the image centre, or None."""
-    from tasks.segment import crop_cell, find_white_cells
+    from hemaflow.tasks.segment import crop_cell, find_white_cells
 
     cfg = SegmentParams(crop_size=size, **SEGMENT_CFG)
     dets = find_white_cells(img, cfg)
@@ -175,7 +175,7 @@ def score_model(model_dir: Path, dataset_dir: Path, image_size: int, split: str 
     import tensorflow as tf
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-    from tasks.train import load_image
+    from hemaflow.tasks.train import load_image
 
     df = pd.read_parquet(dataset_dir / "dataset.parquet")
     part = df[df["split"] == split]
@@ -198,7 +198,7 @@ def time_pipeline(dataset_dir: Path, cfg: TrainParams, n_batches: int = 40, seed
     augmentation) vs the same shuffle + batch over in-memory tensors of the same shape."""
     import tensorflow as tf
 
-    from tasks.train import make_image_dataset
+    from hemaflow.tasks.train import make_image_dataset
 
     df = pd.read_parquet(dataset_dir / "dataset.parquet")
     train = df[df["split"] == "train"]
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"PBC data not found at {args.data} (expected images/<class>/)")
     import yaml
 
-    from tasks.train import train_model
+    from hemaflow.tasks.train import train_model
 
     root = args.work_dir.resolve()
     if root == ROOT or root.is_relative_to(ROOT):

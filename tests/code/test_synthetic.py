@@ -235,7 +235,7 @@ def test_neutrophils_are_segmented_or_band_shaped(monkeypatch):
 
 def test_empty_fields_carry_platelets_and_debris_but_no_white_cell():
     from hemaflow.config import SegmentParams
-    from tasks.segment import find_white_cells
+    from hemaflow.tasks.segment import find_white_cells
 
     cfg = SegmentParams(method="optical_density")
     specks = 0
