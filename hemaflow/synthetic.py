@@ -421,10 +421,7 @@ def _place_wbcs(rng: np.random.Generator, classes: list[str], width: int, height
                     continue
                 placed.append((cls, cx, cy, R))
                 break
-            cx = int(rng.uniform(R * 1.1 + margin, width - R * 1.1 - margin))
-            cy = int(rng.uniform(R * 1.1 + margin, height - R * 1.1 - margin))
-            if all(np.hypot(cx - x, cy - y) > (R + r) * 1.1 + 14 for _, x, y, r in placed):
-                placed.append((cls, cx, cy, R))
+            if _try_apart(rng, cls, R, placed, width, height, margin):
                 break
         else:
             if touch:   # no room for a touching pair here: fall back to apart
@@ -433,14 +430,21 @@ def _place_wbcs(rng: np.random.Generator, classes: list[str], width: int, height
     return placed
 
 
+def _try_apart(rng, cls, R, placed, width, height, margin) -> bool:
+    """Draw one spot for a cell of radius R; keep it (append to placed) if it clears every placed cell."""
+    cx = int(rng.uniform(R * 1.1 + margin, width - R * 1.1 - margin))
+    cy = int(rng.uniform(R * 1.1 + margin, height - R * 1.1 - margin))
+    if all(np.hypot(cx - x, cy - y) > (R + r) * 1.1 + 14 for _, x, y, r in placed):
+        placed.append((cls, cx, cy, R))
+        return True
+    return False
+
+
 def _place_apart(rng, classes, radii, width, height, margin):
     placed = []
     for cls, R in zip(classes, radii):
         for _ in range(500):
-            cx = int(rng.uniform(R * 1.1 + margin, width - R * 1.1 - margin))
-            cy = int(rng.uniform(R * 1.1 + margin, height - R * 1.1 - margin))
-            if all(np.hypot(cx - x, cy - y) > (R + r) * 1.1 + 14 for _, x, y, r in placed):
-                placed.append((cls, cx, cy, R))
+            if _try_apart(rng, cls, R, placed, width, height, margin):
                 break
         else:
             raise ValueError(f"cannot fit {len(classes)} white cells in a {width}x{height} field")
