@@ -66,7 +66,7 @@ def work_batches(items: Sequence[T], weights: Sequence[float], seconds_per_weigh
         w = np.ones(n_items)
     total_s = float(w.sum()) * seconds_per_weight
     n = max(1, int(np.ceil(total_s / max(task_seconds, 1e-9))))
-    n = int(np.ceil(n / n_parallel)) * n_parallel if n_parallel > 1 else n
+    n = int(np.ceil(n / n_parallel)) * n_parallel if n > 1 and n_parallel > 1 else n  # one task's worth: one batch
     n = min(n, n_items)
     cuts = np.searchsorted(np.cumsum(w), np.arange(1, n) * w.sum() / n, side="left") + 1
     bounds = [0, *sorted(set(int(c) for c in cuts if 0 < c < n_items)), n_items]

@@ -123,3 +123,14 @@ def test_contact_sheet_shows_a_source_then_its_variants(split_table, tmp_path):
         assert np.array_equal(cell, fit_tile(cv2.imread(str(tmp_path / "aug" / "images" / name)), tile)), name
     # 2 classes x 2 train crops each = 4 rows of (source + 5 variant slots)
     assert sheet.shape[:2] == (top + 4 * (tile + 18 + pad), pad + 6 * (tile + pad))
+
+
+def test_work_batches_size_by_work_and_spread_over_workers():
+    from hemaflow.batches import work_batches
+
+    items = list(range(100))
+    assert len(work_batches(items, [1.0] * 100, 0.01, task_seconds=4.0, n_parallel=2)) == 1, "1 s of work: one batch"
+    heavy = work_batches(items, [1.0] * 100, 0.1, task_seconds=4.0, n_parallel=2)   # 10 s -> 3 -> 4 batches
+    assert len(heavy) == 4 and [x for b in heavy for x in b] == items
+    skewed = work_batches(items, [10.0] * 10 + [1.0] * 90, 0.1, task_seconds=4.0, n_parallel=2)
+    assert len(skewed[0]) < len(skewed[-1]), "costly items make smaller batches"
