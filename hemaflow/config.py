@@ -70,6 +70,10 @@ class IngestParams(_Frozen):
     # decoding guard: header pixel count and file size checked before decoding (image_too_large); None: off
     max_pixels: int | None = Field(64_000_000, ge=1)
     max_file_mb: float | None = Field(256, gt=0)
+
+    @property
+    def max_file_bytes(self) -> int | None:
+        return None if self.max_file_mb is None else int(self.max_file_mb * 2**20)
     expected_height: tuple[int, int] | None = None
 
     @field_validator("filename_pattern")

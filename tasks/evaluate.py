@@ -16,7 +16,7 @@ import pandas as pd
 
 from hemaflow.config import EvaluateParams
 from hemaflow.errors import StageInputError
-from hemaflow.model_folder import LABELS_FILE, open_model_folder, read_classes
+from hemaflow.model_folder import LABELS_FILE, open_model_folder
 from hemaflow.tasks.train import find_unreadable, make_image_dataset, prepare_output_dir, read_dataset
 
 PREDICTION_COLUMNS = ("path", "label", "predicted", "confidence")
@@ -47,11 +47,6 @@ class EvalResult:
         for cls, m in self.per_class.items():
             lines.append(f"| {cls} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {int(m['support'])} |")
         return "\n".join(lines) + "\n"
-
-
-def load_classes(labels_path: Path) -> tuple[str, ...]:
-    """labels.json written by train (see hemaflow.model_folder.read_classes)."""
-    return read_classes(labels_path)
 
 
 def score_predictions(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> tuple[dict, dict, np.ndarray]:

@@ -57,7 +57,7 @@ class IngestResult:
 
 def _limits(cfg: IngestParams | None) -> dict:
     cfg = cfg or IngestParams()
-    return {"max_pixels": cfg.max_pixels, "max_bytes": None if cfg.max_file_mb is None else int(cfg.max_file_mb * 2**20)}
+    return {"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_file_bytes}
 
 
 def describe_image(path: Path, cfg: IngestParams | None = None) -> dict:

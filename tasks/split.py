@@ -72,15 +72,16 @@ def split_crops(crops_path: Path, split_path: Path, cfg: SplitParams, seed: int,
     crops = read_crops(crops_path)
     fractions = split_fractions(cfg)
     labels = sorted(crops["label"].unique())
-    group_ids = read_group_ids(clean_path, crops, crops_path) if clean_path is not None else None
+    clean = read_clean(clean_path) if clean_path is not None else None
+    group_ids = read_group_ids(clean, clean_path, crops, crops_path) if clean is not None else None
     groups, group_of_row = leakage_groups(crops["source_sha256"].to_numpy(dtype=str), group_ids)
     label_idx = pd.Categorical(crops["label"], categories=labels).codes
     group_counts = np.zeros((len(groups), len(labels)), dtype=np.int64)
     np.add.at(group_counts, (group_of_row, label_idx), 1)
 
     fixed = None
-    if cfg.use_source_split and clean_path is not None:
-        fixed = fixed_group_splits(read_source_splits(clean_path, crops), group_of_row, len(groups))
+    if cfg.use_source_split and clean is not None:
+        fixed = fixed_group_splits(read_source_splits(clean, crops), group_of_row, len(groups))
     group_split = assign_groups(group_counts, fractions, np.random.default_rng(seed), fixed=fixed)
     out = crops.copy()
     out["split"] = np.asarray(SPLITS, dtype=object)[group_split[group_of_row]]
@@ -99,12 +100,10 @@ SPLIT_SPELLINGS = {"train": "train", "training": "train", "val": "val", "valid":
                    "dev": "val", "test": "test", "testing": "test"}
 
 
-def read_source_splits(clean_path: Path, crops: pd.DataFrame) -> np.ndarray:
+def read_source_splits(clean: pd.DataFrame, crops: pd.DataFrame) -> np.ndarray:
     """Per crop: the split its source image was given by the data source (BCCD ImageSets lists,
     MedMNIST train/val/test keys, a labels CSV split column), as an index into SPLITS, or -1."""
-    try:
-        clean = pd.read_parquet(clean_path, columns=["image_id", "split"])
-    except Exception:  # an older clean table without a split column: nothing is fixed
+    if "split" not in clean.columns:  # an older clean table: nothing is fixed
         return np.full(len(crops), -1)
     norm = clean["split"].map(lambda v: SPLIT_SPELLINGS.get(str(v).strip().lower()) if isinstance(v, str) else None)
     by_id = pd.Series(norm.to_numpy(), index=clean["image_id"].astype(str)).groupby(level=0).first()
@@ -124,13 +123,20 @@ def fixed_group_splits(row_split: np.ndarray, group_of_row: np.ndarray, n_groups
     return fixed
 
 
-def read_group_ids(clean_path: Path, crops: pd.DataFrame, crops_path: Path) -> np.ndarray:
-    """group_id of each crop's source image, from clean.parquet (joined on source_id = image_id)."""
+def read_clean(clean_path: Path) -> pd.DataFrame:
+    """image_id, group_id (and the source's split, where the table has it) of clean.parquet, read once."""
+    import pyarrow.parquet as pq
+
     require_file(clean_path, "clean label table")
     try:
-        clean = pd.read_parquet(clean_path, columns=["image_id", "group_id"])
+        optional = ["split"] if "split" in pq.read_schema(clean_path).names else []  # older tables lack it
+        return pd.read_parquet(clean_path, columns=["image_id", "group_id", *optional])
     except Exception as exc:  # a missing column or a corrupt file
         raise StageInputError(clean_path, f"cannot read image_id, group_id: {exc}") from exc
+
+
+def read_group_ids(clean: pd.DataFrame, clean_path: Path, crops: pd.DataFrame, crops_path: Path) -> np.ndarray:
+    """group_id of each crop's source image, from clean.parquet (joined on source_id = image_id)."""
     groups = crops["source_id"].astype(str).map(clean.drop_duplicates("image_id").set_index("image_id")["group_id"])
     missing = groups.isna()
     if missing.any():

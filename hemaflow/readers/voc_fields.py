@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from hemaflow.config import IngestParams
-from hemaflow.errors import SourceReadError, StageInputError
-from hemaflow.imageio import box_path, crop_box, oversize
+from hemaflow.errors import StageInputError
+from hemaflow.imageio import box_path, crop_box, read_image
 from hemaflow.readers.guard import FolderGuard
 from hemaflow.readers.items import Scan, SourceItem
 from hemaflow.readers.labels_csv import read_labels_csv
@@ -40,20 +38,16 @@ def read_split_lists(lists_dir: Path) -> dict[str, str]:
     return split_of
 
 
-def object_items(p: Path, rel: str, xml: Path, split: str | None, cfg: IngestParams):
+def object_items(raw_dir: Path, rel: str, xml: Path, split: str | None, cfg: IngestParams):
     """One item per annotated object of an image (ingest.voc_items: objects): its box's pixels,
     labelled with the object's <name>. The image is decoded once for all its objects."""
     import cv2
 
     objects = [(n, b) for n, b in read_voc_objects(xml) if not cfg.voc_object_names or n in cfg.voc_object_names]
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise SourceReadError(p, exc) from None
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data and not oversize(
-        data, cfg.max_pixels, None if cfg.max_file_mb is None else int(cfg.max_file_mb * 2**20)) else None
+    img = read_image(raw_dir, rel, cfg.max_pixels, cfg.max_file_bytes)  # the decoding guard applies
+    stem = Path(rel).stem
     for k, (name, box) in enumerate(objects):
-        item_id, path = f"{p.stem}/o{k:03d}", box_path(rel, box)
+        item_id, path = f"{stem}/o{k:03d}", box_path(rel, box)
         pixels = None if img is None else crop_box(img, box)
         if pixels is None:
             yield SourceItem(image_id=item_id, path=path, source=OBJECTS, label_raw=name, split=split,
@@ -82,7 +76,7 @@ def scan(raw_dir: Path, cfg: IngestParams) -> Scan:
                     yield SourceItem(image_id=p.stem, path=p.relative_to(raw_dir).as_posix(), source=OBJECTS,
                                      error=error)
                 elif xml.is_file():
-                    yield from object_items(p, p.relative_to(raw_dir).as_posix(), xml, split_of.get(p.stem), cfg)
+                    yield from object_items(raw_dir, p.relative_to(raw_dir).as_posix(), xml, split_of.get(p.stem), cfg)
                 continue
             boxes = read_voc_boxes(xml) if error is None and xml.is_file() else []
             yield SourceItem(image_id=p.stem, path=p.relative_to(raw_dir).as_posix(), source=NAME, boxes=boxes,

@@ -32,6 +32,15 @@ def sh(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return res
 
 
+def hemaflow(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    """The `hemaflow` command of this virtualenv, run in cwd with a Prefect home of its own there."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(cwd / "prefect"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+           "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([str(BIN / "hemaflow"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def make_project(dest: Path, n_fields: int = 40) -> Path:
     """Copy code + pipeline files, generate data, track it with data.dvc, commit to git."""
     for name in ("hemaflow", "tasks", "flows"):

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.fixtures.layouts import make_allidb
+from tests.flows.conftest import hemaflow
 
 ROOT = Path(__file__).resolve().parents[2]
-HEMAFLOW = str(Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "hemaflow")
 
 
 def _project(tmp: Path) -> Path:
@@ -27,16 +25,11 @@ def _project(tmp: Path) -> Path:
     return path
 
 
-def _hemaflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_HOME": str(cwd / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    return subprocess.run([HEMAFLOW, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
 def test_stage_cli_unwritable_output_is_one_message(tmp_path):
     params = _project(tmp_path)
     for stage in ("ingest", "validate-labels"):
-        assert _hemaflow(stage, "--params", str(params), cwd=tmp_path).returncode == 0
-    res = _hemaflow("segment", "--params", str(params), cwd=tmp_path)
+        assert hemaflow(stage, "--params", str(params), cwd=tmp_path).returncode == 0
+    res = hemaflow("segment", "--params", str(params), cwd=tmp_path)
     assert res.returncode == 1
     assert "blocker/crops/images: Not a directory" in res.stderr
     assert "Traceback" not in res.stderr
@@ -44,7 +37,7 @@ def test_stage_cli_unwritable_output_is_one_message(tmp_path):
 
 @pytest.mark.slow
 def test_flow_unwritable_output_fails_once_without_traceback(tmp_path):
-    res = _hemaflow("run", "--params", str(_project(tmp_path)), cwd=tmp_path)
+    res = hemaflow("run", "--params", str(_project(tmp_path)), cwd=tmp_path)
     assert res.returncode == 1
     assert "Error: " in res.stderr and "blocker/crops/images: Not a directory" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout

@@ -14,7 +14,6 @@ Each run must promote a model and write its metrics.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,10 +22,10 @@ import pytest
 import yaml
 
 from tests.fixtures.layouts import LAYOUTS
+from tests.flows.conftest import hemaflow
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
-HEMAFLOW = str(Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "hemaflow")
 STAGE_COMMANDS = ("ingest", "validate-labels", "segment", "split", "augment", "check-quality", "train", "evaluate",
                   "promote")
 PBC_PER_CLASS = 20
@@ -86,16 +85,11 @@ def _project(tmp: Path, layout: str) -> Path:
     return params_path
 
 
-def _run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    res = hemaflow(*args, cwd=cwd)
+    assert res.returncode == 0, f"hemaflow {' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     assert "Traceback" not in res.stderr
     return res
-
-
-def _env(tmp: Path) -> dict:
-    return {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def _assert_promoted(params_path: Path) -> dict:
@@ -117,7 +111,7 @@ LAYOUT_NAMES = ("pbc", "bccd", "allidb", "medmnist", "labels_csv")
 @pytest.mark.parametrize("layout", LAYOUT_NAMES)
 def test_flow_runs_every_stage_to_a_promoted_model(layout, tmp_path):
     params_path = _project(tmp_path, layout)
-    res = _run([HEMAFLOW, "run", "--params", str(params_path)], tmp_path, _env(tmp_path))
+    res = _run("run", "--params", str(params_path), cwd=tmp_path)
     assert "promoted" in res.stdout
     _assert_promoted(params_path)
 
@@ -127,5 +121,5 @@ def test_flow_runs_every_stage_to_a_promoted_model(layout, tmp_path):
 def test_stage_cli_runs_every_stage_to_a_promoted_model(layout, tmp_path):
     params_path = _project(tmp_path, layout)
     for cmd in STAGE_COMMANDS:
-        _run([HEMAFLOW, cmd, "--params", str(params_path)], tmp_path, _env(tmp_path))
+        _run(cmd, "--params", str(params_path), cwd=tmp_path)
     _assert_promoted(params_path)
