@@ -66,47 +66,74 @@ def score_predictions(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str
     return overall, per_class, confusion_matrix(y_true, y_pred, labels=labels)
 
 
-def evaluate_model(model_dir: Path, dataset_dir: Path, eval_dir: Path, cfg: EvaluateParams) -> EvalResult:
-    """Predict cfg.split with model_dir/model.keras; write metrics.json, confusion_matrix.png,
-    confusion.csv and predictions.csv into eval_dir."""
-    model_dir, dataset_dir, eval_dir = Path(model_dir), Path(dataset_dir), Path(eval_dir)
-    folder = open_model_folder(model_dir)
+@dataclass
+class SplitPredictions:
+    """One model's class probabilities on one split of a dataset, row-aligned with `paths`."""
+    paths: list[str]           # relative to the dataset folder, as in dataset.parquet
+    labels: list[str]          # true class names
+    probs: np.ndarray          # (n, len(classes)) softmax outputs
+    classes: tuple[str, ...]   # the model's class list (column order of probs)
+
+    @property
+    def y_true(self) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.classes)}
+        return np.array([index[c] for c in self.labels], dtype=int)
+
+    @property
+    def y_pred(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+
+def predict_split(model_dir: Path, dataset_dir: Path, split: str, folder=None) -> SplitPredictions:
+    """Predict every image of `split` in dataset_dir/dataset.parquet with the model in model_dir
+    (sha256-verified, safe_mode load). Used by evaluate, and by promote to re-score the
+    production model on the same images as the challenger."""
+    model_dir, dataset_dir = Path(model_dir), Path(dataset_dir)
+    folder = folder or open_model_folder(model_dir)
     classes = folder.classes
     dataset_path = dataset_dir / "dataset.parquet"
     df = read_dataset(dataset_path, classes, classes_from=f"the model's {LABELS_FILE}")
-    part = df[df["split"] == cfg.split].reset_index(drop=True)
+    part = df[df["split"] == split].reset_index(drop=True)
     if part.empty:
-        raise StageInputError(dataset_path, f"no rows with split == '{cfg.split}' to evaluate")
+        raise StageInputError(dataset_path, f"no rows with split == '{split}' to evaluate")
 
     import tensorflow as tf
 
     model = folder.load()
-    image_size = folder.image_size
-
     index = {c: i for i, c in enumerate(classes)}
     paths = [str(dataset_dir / p) for p in part["path"]]
     y_true = np.array([index[c] for c in part["label"]])
     try:
-        probs = model.predict(make_image_dataset(paths, y_true, image_size, batch_size=64), verbose=0)
+        probs = model.predict(make_image_dataset(paths, y_true, folder.image_size, batch_size=64), verbose=0)
     except tf.errors.OpError:
         bad = find_unreadable(paths)
         if bad:
             raise StageInputError(bad[0], f"image listed in {dataset_path.name} cannot be decoded: {bad[1]}") from None
         raise
-    y_pred = probs.argmax(axis=1)
+    return SplitPredictions(paths=list(part["path"]), labels=list(part["label"]), probs=np.asarray(probs),
+                            classes=classes)
+
+
+def evaluate_model(model_dir: Path, dataset_dir: Path, eval_dir: Path, cfg: EvaluateParams) -> EvalResult:
+    """Predict cfg.split with model_dir/model.keras; write metrics.json, confusion_matrix.png,
+    confusion.csv and predictions.csv into eval_dir."""
+    model_dir, dataset_dir, eval_dir = Path(model_dir), Path(dataset_dir), Path(eval_dir)
+    pred = predict_split(model_dir, dataset_dir, cfg.split)
+    classes, probs, y_true, y_pred = pred.classes, pred.probs, pred.y_true, pred.y_pred
+    n = len(pred.paths)
     overall, per_class, cm = score_predictions(y_true, y_pred, classes)
 
     prepare_output_dir(eval_dir, model_dir, dataset_dir)
-    pd.DataFrame({"path": part["path"], "label": part["label"], "predicted": [classes[i] for i in y_pred],
+    pd.DataFrame({"path": pred.paths, "label": pred.labels, "predicted": [classes[i] for i in y_pred],
                   "confidence": probs.max(axis=1).round(6)}, columns=list(PREDICTION_COLUMNS)) \
         .to_csv(eval_dir / "predictions.csv", index=False)
     pd.DataFrame(cm, index=pd.Index(classes, name="true"), columns=list(classes)).to_csv(eval_dir / "confusion.csv")
-    metrics = {"split": cfg.split, "n": int(len(part)), **overall, "per_class": per_class}
+    metrics = {"split": cfg.split, "n": n, **overall, "per_class": per_class}
     (eval_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_confusion_matrix(cm, classes, eval_dir / "confusion_matrix.png",
                           title=f"{cfg.split} split: accuracy {overall['accuracy']:.2f}, "
-                                f"balanced {overall['balanced_accuracy']:.2f} (n={len(part)})")
-    return EvalResult(eval_dir=eval_dir, split=cfg.split, n=int(len(part)), metrics=overall, per_class=per_class)
+                                f"balanced {overall['balanced_accuracy']:.2f} (n={n})")
+    return EvalResult(eval_dir=eval_dir, split=cfg.split, n=n, metrics=overall, per_class=per_class)
 
 
 def plot_confusion_matrix(cm: np.ndarray, classes: tuple[str, ...], png_path: Path, title: str = "") -> None:
