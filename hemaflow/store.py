@@ -2,12 +2,25 @@
 
 Layout under the root (directory or s3://bucket/prefix):
 
-    <model_name>/v0001/model.keras, labels.json, metrics.json, card.json
+    <model_name>/v0001/model.keras, labels.json, metrics.json, ..., card.json
     <model_name>/latest.json      -> newest *complete* version
+    <model_name>/production.json  -> the version consumers use (moved only by a promotion
+                                     or a rollback, compare-and-swap)
+    <model_name>/ledger/...       -> append-only record of every decision
 
-A version number is claimed atomically (mkdir locally, a conditional put of the
-card with If-None-Match: * on S3), so concurrent publishers never share one; the
-latest pointer only moves forward and only after all files are written.
+A version number is claimed atomically (mkdir locally, a conditional put of a
+`v0001/.claim` object with If-None-Match: * on S3), so concurrent publishers never share
+one. The files are uploaded next and card.json is written *last*: a version is complete
+exactly when its card exists, so an interrupted upload never lists as a version, never
+becomes latest and never production. The latest pointer only moves forward; the
+production pointer moves by compare-and-swap (S3: If-Match on its ETag, If-None-Match for
+the first; locally an atomic rename under a lock), so of two concurrent promotions from
+the same champion exactly one wins and the other gets StoreConflictError.
+
+S3 errors: transient ones (throttling, 5xx, connection resets) are retried by botocore's
+"standard" retry mode with exponential backoff; permanent ones (access denied, no such
+bucket) fail at once with a message naming the key. Credentials come from the standard
+AWS chain (environment, profile, instance role) and are never written anywhere.
 """
 
 from __future__ import annotations
@@ -18,7 +31,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,6 +45,10 @@ from hemaflow.progress import Progress
 
 from hemaflow.model_folder import CARD_FILE, MODEL_FILE, sha256_file  # noqa: E402,F401  (re-exported)
 LATEST_FILE = "latest.json"
+PRODUCTION_FILE = "production.json"
+LEDGER_DIR = "ledger"
+CLAIM_FILE = ".claim"
+S3_MAX_ATTEMPTS = int(os.environ.get("HEMAFLOW_S3_MAX_ATTEMPTS", "6"))  # 1 try + 5 retries
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TAG_RE = re.compile(r"^v(\d{4,})$")
 _MAX_CLAIM_ATTEMPTS = 1000
@@ -52,6 +71,14 @@ class StoreIntegrityError(StoreError):
     """A pulled file does not match the sha256 recorded in its card."""
 
 
+class StoreConflictError(StoreError):
+    """A conditional write lost: the production alias moved since it was read."""
+
+    def __init__(self, where: str, problem: str, current: dict[str, Any] | None = None):
+        self.current = current
+        super().__init__(where, problem)
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     name: str
@@ -70,8 +97,12 @@ def version_tag(version: int) -> str:
     return f"v{version:04d}"
 
 
+ALIASES = ("production", "latest")
+
+
 def parse_version(spec: str | int) -> int | None:
-    """'latest' -> None; 3, '3', 'v3', 'v0003' -> 3; anything else -> ValueError."""
+    """'latest' -> None; 3, '3', 'v3', 'v0003' -> 3; anything else -> ValueError.
+    ('production' is resolved by the store, see ModelStore.resolve.)"""
     if isinstance(spec, int) and not isinstance(spec, bool):
         number = spec
     elif isinstance(spec, str) and spec.strip().lower() == "latest":
@@ -79,7 +110,7 @@ def parse_version(spec: str | int) -> int | None:
     elif isinstance(spec, str) and re.fullmatch(r"v?\d+", spec.strip()):
         number = int(spec.strip().lstrip("v"))
     else:
-        raise ValueError(f"version must be 'latest', an int or 'vNNNN', got {spec!r}")
+        raise ValueError(f"version must be 'production', 'latest', an int or 'vNNNN', got {spec!r}")
     if number < 1:
         raise ValueError(f"versions start at 1, got {spec!r}")
     return number
@@ -97,7 +128,7 @@ def hash_files(files: dict[str, Path]) -> dict[str, dict[str, Any]]:
         raise ValueError(f"publish needs a {MODEL_FILE!r} entry in files, got {sorted(files)}")
     entries = {}
     for fname, path in files.items():
-        if "/" in fname or fname in ("", ".", "..", CARD_FILE, LATEST_FILE):
+        if not _NAME_RE.match(fname) or fname in (CARD_FILE, LATEST_FILE, PRODUCTION_FILE, CLAIM_FILE):
             raise ValueError(f"file names must be plain, not {CARD_FILE!r}/{LATEST_FILE!r}, got {fname!r}")
         path = Path(path)
         if not path.is_file():
@@ -123,6 +154,14 @@ def _pointer(mv_card: dict[str, Any], uri: str) -> dict[str, Any]:
     return {"name": mv_card["name"], "version": mv_card["version"], "tag": mv_card["tag"],
             "sha256": mv_card["sha256"], "uri": uri,
             "updated_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _production_pointer(card: dict[str, Any], uri: str, previous: int | None, reason: str) -> dict[str, Any]:
+    return {**_pointer(card, uri), "previous": previous, "reason": reason}
 
 
 def _report(progress: Progress | None, done: int, total: int) -> None:
@@ -164,6 +203,19 @@ class ModelStore(ABC):
     @abstractmethod
     def _fetch(self, name: str, version: int, fname: str, dest_path: Path) -> None: ...
 
+    @abstractmethod
+    def _read_production(self, name: str) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def _swap_production(self, name: str, pointer: dict[str, Any], expected: int | None) -> None:
+        """Write production.json if it still names `expected` (None: absent); else StoreConflictError."""
+
+    @abstractmethod
+    def _append(self, name: str, entry_id: str, entry: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def _read_ledger(self, name: str) -> list[dict[str, Any]]: ...
+
     # --- public interface ---------------------------------------------------
     def publish(self, model_name: str, files: dict[str, Path], card: dict[str, Any],
                 progress: Progress | None = None) -> ModelVersion:
@@ -187,8 +239,91 @@ class ModelStore(ABC):
                                      f"{LATEST_FILE} points at a version whose {CARD_FILE} is missing")
         return self._as_version(model_name, card)
 
+    def production(self, model_name: str) -> ModelVersion | None:
+        """The version the production alias names, or None before the first promotion."""
+        _check_name(model_name)
+        pointer = self._read_production(model_name)
+        if pointer is None:
+            return None
+        card = self._read_card(model_name, int(pointer["version"]))
+        if card is None:
+            raise StoreNotFoundError(self._version_uri(model_name, int(pointer["version"])),
+                                     f"{PRODUCTION_FILE} points at a version whose {CARD_FILE} is missing")
+        return self._as_version(model_name, card)
+
+    def production_pointer(self, model_name: str) -> dict[str, Any] | None:
+        _check_name(model_name)
+        return self._read_production(model_name)
+
+    def set_production(self, model_name: str, version: int, expected: int | None,
+                       reason: str = "") -> ModelVersion:
+        """Move the production alias to `version` if it still names `expected` (None: no
+        production yet). Raises StoreConflictError, naming the current one, if it moved."""
+        _check_name(model_name)
+        card = self._read_card(model_name, int(version))
+        if card is None:
+            raise self._missing(model_name, version_tag(int(version)))
+        pointer = _production_pointer(card, self._version_uri(model_name, int(version)), expected, reason)
+        self._swap_production(model_name, pointer, expected)
+        return self._as_version(model_name, card)
+
+    def rollback_target(self, model_name: str) -> tuple[ModelVersion, int | None]:
+        """(current production, the version a rollback returns to); StoreError if there is none."""
+        current = self._read_production(model_name)
+        if current is None:
+            raise StoreNotFoundError(self._model_uri(model_name), "no production version: nothing to roll back")
+        previous = current.get("previous")
+        if previous is None:
+            raise StoreError(self._model_uri(model_name),
+                             f"production {current['tag']} was the first production version: nothing to roll back to")
+        return self.production(model_name), int(previous)
+
+    def rollback(self, model_name: str, reason: str = "rollback") -> ModelVersion:
+        """Production back to the version it replaced (compare-and-swap, like a promotion).
+
+        The restored pointer's own `previous` is what that version had replaced when it was
+        last made production (from the ledger), so repeated rollbacks walk back in history."""
+        current, target = self.rollback_target(model_name)
+        before = None
+        for entry in reversed(self.ledger(model_name)):
+            if entry.get("production_changed") and entry.get("version") == target:
+                before = entry.get("previous_production")
+                break
+        card = self._read_card(model_name, target)
+        if card is None:
+            raise self._missing(model_name, version_tag(target))
+        pointer = _production_pointer(card, self._version_uri(model_name, target), before, reason)
+        self._swap_production(model_name, pointer, current.version)
+        return self._as_version(model_name, card)
+
+    def append_ledger(self, model_name: str, entry: dict[str, Any]) -> dict[str, Any]:
+        """Add one decision record (never rewritten); returns it with its id and time."""
+        _check_name(model_name)
+        at = _now()
+        entry_id = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}"
+        record = {"id": entry_id, "at": at, "model_name": model_name, **entry}
+        self._append(model_name, entry_id, record)
+        return record
+
+    def ledger(self, model_name: str) -> list[dict[str, Any]]:
+        """Every decision recorded for model_name, oldest first."""
+        _check_name(model_name)
+        return sorted(self._read_ledger(model_name), key=lambda e: e.get("id", ""))
+
+    def find_sha256(self, model_name: str, sha256: str) -> ModelVersion | None:
+        """The newest complete version whose model.keras has this sha256."""
+        for mv in reversed(self.list_versions(model_name)):
+            if mv.sha256 == sha256:
+                return mv
+        return None
+
+    def resolve(self, model_name: str, spec: str | int) -> ModelVersion:
+        """'production', 'latest', or a version number/tag -> that complete version."""
+        _check_name(model_name)
+        return self._resolve(model_name, spec)
+
     def list_versions(self, model_name: str) -> list[ModelVersion]:
-        """Every claimed version, oldest first (may include one still uploading)."""
+        """Every *complete* version (card written), oldest first."""
         _check_name(model_name)
         out = []
         for number in self._claimed_versions(model_name):
@@ -207,6 +342,11 @@ class ModelStore(ABC):
         files = mv.card.get("files") or {MODEL_FILE: {"sha256": mv.sha256}}
         total = len(files)
         _report(progress, 0, total)
+        for fname in files:  # a card naming ../x (or any non-plain name) writes nothing
+            if not _NAME_RE.match(str(fname)) or fname in (CARD_FILE, LATEST_FILE, PRODUCTION_FILE):
+                raise StoreIntegrityError(f"{mv.uri}/{CARD_FILE}",
+                                          f"lists a file name {fname!r} that is not a plain file name; "
+                                          "refusing to write outside the destination")
         for done, (fname, meta) in enumerate(sorted(files.items()), start=1):
             part = dest_dir / f".{fname}.part"
             self._fetch(model_name, mv.version, fname, part)
@@ -229,6 +369,15 @@ class ModelStore(ABC):
                             sha256=card["sha256"], card=card)
 
     def _resolve(self, name: str, spec: str | int) -> ModelVersion:
+        if isinstance(spec, str) and spec.strip().lower() == "production":
+            mv = self.production(name)
+            if mv is None:
+                claimed = self._claimed_versions(name)
+                raise StoreNotFoundError(self._model_uri(name), f"no production version of {name!r} in {self.url}"
+                                         + (" (nothing published)" if not claimed else
+                                            f" (versions: {', '.join(version_tag(v) for v in claimed)}; "
+                                            "promote one with `hemaflow models promote`)"))
+            return mv
         try:
             number = parse_version(spec)
         except ValueError as exc:
@@ -325,8 +474,8 @@ class LocalStore(ModelStore):
         return final
 
     @contextlib.contextmanager
-    def _locked(self, name: str) -> Iterator[None]:
-        with open(self.root_dir / name / ".latest.lock", "a") as fh:
+    def _locked(self, name: str, lock_name: str = ".latest.lock") -> Iterator[None]:
+        with open(self.root_dir / name / lock_name, "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
@@ -344,6 +493,40 @@ class LocalStore(ModelStore):
                 json.dump(_pointer(card, self._version_uri(name, card["version"])), fh, indent=2)
             os.replace(tmp, pointer_path)
 
+    def _read_production(self, name):
+        return self._read_json(self.root_dir / name / PRODUCTION_FILE)
+
+    def _swap_production(self, name, pointer, expected):
+        model_dir = self.root_dir / name
+        model_dir.mkdir(parents=True, exist_ok=True)
+        with self._locked(name, ".production.lock"):
+            current = self._read_production(name)
+            current_version = int(current["version"]) if current else None
+            if current_version != expected:
+                raise StoreConflictError(
+                    str(model_dir / PRODUCTION_FILE),
+                    f"production is {current['tag'] if current else 'unset'}, not "
+                    f"{version_tag(expected) if expected else 'unset'} as read: another promotion or rollback "
+                    "moved it meanwhile", current)
+            fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".production.")
+            with os.fdopen(fd, "w") as fh:
+                json.dump(pointer, fh, indent=2)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, model_dir / PRODUCTION_FILE)  # atomic: readers see the old or the new pointer
+
+    def _append(self, name, entry_id, entry):
+        ledger_dir = self.root_dir / name / LEDGER_DIR
+        ledger_dir.mkdir(parents=True, exist_ok=True)
+        with open(ledger_dir / f"{entry_id}.json", "x") as fh:  # never overwrites
+            fh.write(json.dumps(entry, indent=2, sort_keys=True) + "\n")
+
+    def _read_ledger(self, name):
+        ledger_dir = self.root_dir / name / LEDGER_DIR
+        if not ledger_dir.is_dir():
+            return []
+        return [e for f in sorted(ledger_dir.glob("*.json")) if (e := self._read_json(f)) is not None]
+
     def _fetch(self, name, version, fname, dest_path):
         src = self.root_dir / name / version_tag(version) / fname
         if not src.is_file():
@@ -355,17 +538,20 @@ class LocalStore(ModelStore):
 class S3Store(ModelStore):
     """s3://bucket/prefix through boto3; honours AWS_ENDPOINT_URL(_S3) for MinIO/moto."""
 
-    def __init__(self, bucket: str, prefix: str = "", url: str | None = None):
+    def __init__(self, bucket: str, prefix: str = "", url: str | None = None, max_attempts: int | None = None):
         import boto3
         from botocore.config import Config
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = url or f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
-        session = boto3.session.Session()
+        session = boto3.session.Session()  # the standard credential chain; nothing stored here
+        # standard mode retries throttling, 5xx and connection errors with exponential backoff
+        # and jitter; 4xx such as AccessDenied / NoSuchBucket are not retried (they fail at once)
         self._client = session.client(
             "s3", region_name=session.region_name or "us-east-1",
-            config=Config(connect_timeout=10, read_timeout=60))
+            config=Config(connect_timeout=10, read_timeout=60,
+                          retries={"mode": "standard", "max_attempts": max_attempts or S3_MAX_ATTEMPTS}))
 
     # keys and uris
     def _key(self, *parts: str) -> str:
@@ -388,6 +574,12 @@ class S3Store(ModelStore):
                                      "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
         if isinstance(exc, EndpointConnectionError):
             return StoreError(where, f"cannot reach the S3 endpoint: {exc}")
+        if isinstance(exc, ClientError) and str(exc.response.get("ResponseMetadata", {}).get(
+                "HTTPStatusCode", "")).startswith("5"):
+            code = str(exc.response.get("Error", {}).get("Code", "")) or "5xx"
+            return StoreError(where, f"S3 server error {code}, still failing after "
+                                     f"{self._client.meta.config.retries.get('max_attempts')} attempts with "
+                                     "backoff; try again later")
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code == "NoSuchBucket":
@@ -444,41 +636,53 @@ class S3Store(ModelStore):
         got = self._get_json(self._key(name, LATEST_FILE))
         return got[0] if got else None
 
-    def _claim(self, name: str, number: int, entries: dict[str, Any], card: dict[str, Any]) -> dict[str, Any] | None:
-        """Conditionally create the version's card; None if another publisher has it."""
-        final = _build_card(name, number, entries, card)
-        key = self._key(name, version_tag(number), CARD_FILE)
+    def _put_new(self, key: str, body: bytes) -> bool:
+        """Create key only if absent (If-None-Match: *); False if it already exists."""
         try:
-            self._client.put_object(Bucket=self.bucket, Key=key, IfNoneMatch="*",
-                                    Body=json.dumps(final, indent=2, sort_keys=True).encode() + b"\n",
+            self._client.put_object(Bucket=self.bucket, Key=key, IfNoneMatch="*", Body=body,
                                     ContentType="application/json")
         except Exception as exc:
             if self._code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                return None
+                return False
             raise self._error(exc, key) from exc
-        return final
+        return True
+
+    def _claim(self, name: str, number: int) -> bool:
+        """Conditionally create the version's claim object; False if another publisher has it."""
+        body = json.dumps({"claimed_at": _now(), "host": socket.gethostname(), "pid": os.getpid()}).encode()
+        return self._put_new(self._key(name, version_tag(number), CLAIM_FILE), body)
 
     def _publish_files(self, name, files, entries, card, progress):
-        pointer = self._read_pointer(name)
-        number = (int(pointer["version"]) if pointer else 0) + 1
-        final = None
+        number = max(self._claimed_versions(name), default=0) + 1
         for _ in range(_MAX_CLAIM_ATTEMPTS):
-            final = self._claim(name, number, entries, card)
-            if final is not None:
+            if self._claim(name, number):
                 break
             # taken: jump past everything claimed so far instead of walking one by one
             number = max([number, *self._claimed_versions(name)]) + 1
-        if final is None:
+        else:
             raise StoreError(self._model_uri(name), "could not claim a free version number")
+        final = _build_card(name, number, entries, card)
         total = len(files)
-        _report(progress, 0, total)
-        for done, (fname, path) in enumerate(files.items(), start=1):
-            key = self._key(name, version_tag(number), fname)
-            try:
-                self._client.upload_file(str(path), self.bucket, key)
-            except Exception as exc:
-                raise self._error(exc, key) from exc
-            _report(progress, done, total)
+        uploaded: list[str] = []
+        try:
+            _report(progress, 0, total)
+            for done, (fname, path) in enumerate(files.items(), start=1):
+                key = self._key(name, version_tag(number), fname)
+                try:
+                    self._client.upload_file(str(path), self.bucket, key)
+                except Exception as exc:
+                    raise self._error(exc, key) from exc
+                uploaded.append(key)
+                _report(progress, done, total)
+            # card last: its existence is what makes the version complete (listed, pullable)
+            card_key = self._key(name, version_tag(number), CARD_FILE)
+            if not self._put_new(card_key, json.dumps(final, indent=2, sort_keys=True).encode() + b"\n"):
+                raise StoreError(self._uri(card_key), "card already exists for a version this publisher claimed")
+        except BaseException:
+            for key in uploaded:  # best effort; the claim stays, so the number is never reused
+                with contextlib.suppress(Exception):
+                    self._client.delete_object(Bucket=self.bucket, Key=key)
+            raise
         return final
 
     def _advance_pointer(self, name, card):
@@ -498,6 +702,50 @@ class S3Store(ModelStore):
                 if self._code(exc) not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                     raise self._error(exc, key) from exc
         raise StoreError(self._uri(key), "could not update the latest pointer (too much contention)")
+
+    def _read_production(self, name):
+        got = self._get_json(self._key(name, PRODUCTION_FILE))
+        return got[0] if got else None
+
+    def _swap_production(self, name, pointer, expected):
+        """If-Match the ETag read (If-None-Match: * for the first): of two racing writers one wins."""
+        key = self._key(name, PRODUCTION_FILE)
+        got = self._get_json(key)
+        current = got[0] if got else None
+        current_version = int(current["version"]) if current else None
+        conflict = StoreConflictError(
+            self._uri(key), f"production is {current['tag'] if current else 'unset'}, not "
+                            f"{version_tag(expected) if expected else 'unset'} as read: another promotion or "
+                            "rollback moved it meanwhile", current)
+        if current_version != expected:
+            raise conflict
+        condition = {"IfMatch": got[1]} if got else {"IfNoneMatch": "*"}
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=key, ContentType="application/json",
+                                    Body=json.dumps(pointer, indent=2).encode(), **condition)
+        except Exception as exc:
+            if self._code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                now = self._get_json(key)
+                raise StoreConflictError(
+                    self._uri(key), f"production moved to {now[0]['tag'] if now else 'unset'} by another "
+                                    "promotion or rollback while this one was writing", now[0] if now else None
+                ) from None
+            raise self._error(exc, key) from exc
+
+    def _append(self, name, entry_id, entry):
+        key = self._key(name, LEDGER_DIR, f"{entry_id}.json")
+        if not self._put_new(key, json.dumps(entry, indent=2, sort_keys=True).encode() + b"\n"):
+            raise StoreError(self._uri(key), "ledger entry already exists (never overwritten)")
+
+    def _read_ledger(self, name):
+        prefix = self._key(name, LEDGER_DIR) + "/"
+        keys = []
+        try:
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".json")]
+        except Exception as exc:
+            raise self._error(exc, prefix) from exc
+        return [got[0] for k in sorted(keys) if (got := self._get_json(k)) is not None]
 
     def _fetch(self, name, version, fname, dest_path):
         key = self._key(name, version_tag(version), fname)

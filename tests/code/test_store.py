@@ -96,21 +96,25 @@ def test_versions_keep_counting_and_progress_is_reported(store_url, tmp_path):
 
 
 def test_claimed_version_is_skipped(store_url, tmp_path):
-    """A version another publisher already claimed (card written, upload in flight) is
-    never reused: on S3 this is the If-None-Match 412 path."""
+    """A version another publisher already claimed (claim made, upload in flight) is
+    never reused, and never listed until its card is written: on S3 the claim is a
+    `.claim` object (If-None-Match 412 path), locally the directory."""
     store = open_store(store_url)
     store.publish(NAME, make_files(tmp_path / "a", b"one"), {})
-    foreign = {"name": NAME, "version": 2, "tag": "v0002", "sha256": "f" * 64, "owner": "other"}
     if isinstance(store, LocalStore):
         (store.root_dir / NAME / "v0002").mkdir()  # the local claim is the directory
     else:
-        put_raw(store, f"{NAME}/v0002/card.json", json.dumps(foreign).encode())
+        put_raw(store, f"{NAME}/v0002/.claim", b'{"owner": "other"}')
+        put_raw(store, f"{NAME}/v0002/model.keras", b"half-uploaded")
 
+    assert [v.version for v in store.list_versions(NAME)] == [1]  # in flight: not listed
     mv = store.publish(NAME, make_files(tmp_path / "b", b"two"), {})
     assert mv.version == 3
     assert store.latest(NAME).version == 3
+    assert [v.version for v in store.list_versions(NAME)] == [1, 3]
     if isinstance(store, S3Store):
-        assert store.list_versions(NAME)[1].card["owner"] == "other"  # untouched
+        obj = store._client.get_object(Bucket=store.bucket, Key=store._key(NAME, "v0002", ".claim"))
+        assert json.loads(obj["Body"].read()) == {"owner": "other"}  # untouched
 
 
 def test_concurrent_publishers_never_share_a_version(store_url, tmp_path):
@@ -170,7 +174,7 @@ def test_missing_model_and_version_errors_name_the_url(store_url, tmp_path):
     with pytest.raises(StoreNotFoundError,
                        match=rf"{NAME}/v0009: no such version v0009 of model '{NAME}' \(published: v0001\)"):
         store.pull(NAME, "v9", tmp_path / "x")
-    with pytest.raises(StoreError, match=rf"{NAME}: version must be 'latest'"):
+    with pytest.raises(StoreError, match=rf"{NAME}: version must be 'production', 'latest'"):
         store.pull(NAME, "newest", tmp_path / "x")
 
 
