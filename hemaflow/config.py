@@ -30,10 +30,12 @@ class PathParams(_Frozen):
     model_dir: Path = Path("models/candidate")
     eval_dir: Path = Path("reports/eval")
     promotion_path: Path = Path("reports/promotion.json")
+    # evaluate: an external labelled folder (any reader's layout) scored next to the test split
+    test_data: Path | None = None
 
     def resolved(self, root: Path) -> "PathParams":
         """Same paths, made absolute against the project root."""
-        return PathParams(**{k: (root / v) for k, v in self.model_dump().items()})
+        return PathParams(**{k: (root / v if v is not None else None) for k, v in self.model_dump().items()})
 
 
 BLOODMNIST_CLASSES = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil",
@@ -219,12 +221,19 @@ class TrainParams(_Frozen):
 
 class EvaluateParams(_Frozen):
     split: Literal["train", "val", "test"] = "test"
+    tta: bool = False                              # average the 8 flips/90-degree rotations of each crop
+    calibration_bins: int = Field(15, ge=2)        # equal-width confidence bins for ECE / reliability diagram
+    gallery_size: int = Field(24, ge=0)            # misclassified crops shown in error_gallery.png
 
 
 class PromoteParams(_Frozen):
     store_url: str = "models/registry"
     model_name: str = "wbc-classifier"
-    min_balanced_accuracy: float = Field(0.6, ge=0, le=1)
+    min_balanced_accuracy: float = Field(0.6, ge=0, le=1)   # the first model (no champion yet)
+    min_class_recall: float = Field(0.5, ge=0, le=1)        # every class, every candidate
+    min_improvement: float = Field(0.0, ge=0, le=1)         # balanced accuracy over the champion (and > 0)
+    mcnemar_alpha: float | None = Field(0.05, gt=0, le=1)   # paired test must call it not noise; None: off
+    min_test_size: int = Field(25, ge=1)                    # test images needed to decide anything
 
 
 class ScheduleParams(_Frozen):

@@ -1,8 +1,16 @@
-"""Evaluate: score the trained model on one split (params evaluate.split) with scikit-learn.
+"""Evaluate: score the trained model on one split (params evaluate.split), and on an
+external labelled folder when one is given (evaluate.test_data / --test-data).
 
-Balanced accuracy and macro F1 are reported next to accuracy because white-cell classes
-are very unequal in real smears (neutrophils dominate, basophils are rare): a model that
-ignores a rare class barely moves accuracy but shows in those two.
+Reported: accuracy, balanced accuracy, macro F1, per-class precision/recall/F1/AUC, macro
+one-vs-rest AUC, top-3 accuracy, expected calibration error; pictures: confusion matrix,
+reliability diagram, gallery of misclassified crops with their top-3, histogram of the true
+class's rank among errors. With evaluate.tta the probabilities are the mean over the 8
+flips/90-degree rotations of each crop. metrics.json carries the model's sha256 so its
+figures can never be used to promote another model.
+
+The external folder goes through the same ingest, label validation and segmentation as the
+training data (the stage code itself, with the same params); images whose content hash is
+in the training dataset are dropped from it and counted, so the external figure is honest.
 """
 
 from __future__ import annotations
@@ -14,12 +22,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hemaflow.config import EvaluateParams
-from hemaflow.errors import StageInputError
+from hemaflow.config import EvaluateParams, Params
+from hemaflow.errors import StageInputError, read_table
+from hemaflow.eval_plots import plot_confusion_matrix, plot_error_gallery, plot_rank_histogram, plot_reliability
 from hemaflow.model_folder import LABELS_FILE, open_model_folder
+from hemaflow.scoring import one_vs_rest_auc, reliability, score_predictions, top_k_accuracy, true_class_ranks
 from hemaflow.tasks.train import find_unreadable, make_image_dataset, prepare_output_dir, read_dataset
+from hemaflow.tta import predict_probs
 
-PREDICTION_COLUMNS = ("path", "label", "predicted", "confidence")
+PREDICTION_COLUMNS = ("path", "label", "predicted", "confidence", "true_class_rank", "top3")
+PICTURES = ("confusion_matrix.png", "reliability_diagram.png", "error_gallery.png", "error_ranks.png")
+EXTERNAL_DIR = "external"
+
+__all__ = ["evaluate_model", "predict_split", "predict_paths", "score_predictions", "EvalResult",
+           "SplitPredictions", "PREDICTION_COLUMNS"]
 
 
 @dataclass
@@ -27,43 +43,44 @@ class EvalResult:
     eval_dir: Path
     split: str
     n: int
-    metrics: dict[str, float]                                          # accuracy, balanced_accuracy, macro_f1
-    per_class: dict[str, dict[str, float]] = field(default_factory=dict)  # class -> precision/recall/f1/support
+    metrics: dict[str, float]                                          # accuracy, balanced_accuracy, macro_f1, ...
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)  # class -> precision/recall/f1/support/auc
+    external: dict | None = None                                       # the same figures on --test-data
 
     def summary(self) -> dict:
-        return {"split": self.split, "images": self.n, **{k: round(v, 4) for k, v in self.metrics.items()},
-                "metrics": str(self.eval_dir / "metrics.json")}
+        out = {"split": self.split, "images": self.n,
+               **{k: round(v, 4) for k, v in self.metrics.items() if isinstance(v, float)},
+               "metrics": str(self.eval_dir / "metrics.json")}
+        if self.external:
+            out.update({f"external {k}": (round(v, 4) if isinstance(v, float) else v)
+                        for k, v in self.external.items() if k in ("n", "accuracy", "balanced_accuracy", "folder",
+                                                                    "dropped_seen_in_training")})
+        return out
 
     @property
     def markdown(self) -> str:
         """Per-class table for a Prefect artifact or a PR comment."""
+        m = self.metrics
         lines = [
-            f"**{self.split}** split, {self.n} images: accuracy {self.metrics['accuracy']:.3f}, "
-            f"balanced accuracy {self.metrics['balanced_accuracy']:.3f}, macro F1 {self.metrics['macro_f1']:.3f}",
-            "",
-            "| class | precision | recall | F1 | support |",
-            "|---|---:|---:|---:|---:|",
+            f"**{self.split}** split, {self.n} images: accuracy {m['accuracy']:.3f}, "
+            f"balanced accuracy {m['balanced_accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, "
+            f"macro AUC {_fmt(m.get('macro_auc'))}, ECE {_fmt(m.get('ece'))}"
+            + (" (test-time augmentation)" if m.get("tta") else ""),
         ]
-        for cls, m in self.per_class.items():
-            lines.append(f"| {cls} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {int(m['support'])} |")
+        if self.external:
+            e = self.external
+            lines.append(f"\n**external** folder `{e['folder']}`, {e['n']} crops: accuracy {e['accuracy']:.3f}, "
+                         f"balanced accuracy {e['balanced_accuracy']:.3f} "
+                         f"({e['dropped_seen_in_training']} image(s) seen in training dropped)")
+        lines += ["", "| class | precision | recall | F1 | AUC | support |", "|---|---:|---:|---:|---:|---:|"]
+        for cls, c in self.per_class.items():
+            lines.append(f"| {cls} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {_fmt(c.get('auc'))} "
+                         f"| {int(c['support'])} |")
         return "\n".join(lines) + "\n"
 
 
-def score_predictions(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> tuple[dict, dict, np.ndarray]:
-    """Overall metrics, per-class metrics and the confusion matrix (rows = true, columns = predicted)."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
-
-    labels = list(range(len(classes)))
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    present = s > 0  # macro F1 over classes that occur in this split, like balanced accuracy
-    overall = {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "macro_f1": float(np.mean(f[present])) if present.any() else 0.0,
-    }
-    per_class = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                 for i, c in enumerate(classes)}
-    return overall, per_class, confusion_matrix(y_true, y_pred, labels=labels)
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 @dataclass
@@ -84,79 +101,120 @@ class SplitPredictions:
         return self.probs.argmax(axis=1)
 
 
-def predict_split(model_dir: Path, dataset_dir: Path, split: str, folder=None) -> SplitPredictions:
+def predict_paths(folder, image_paths: list[str], labels: list[str], tta: bool = False,
+                  table: Path | None = None) -> np.ndarray:
+    """Probabilities of the model in `folder` on image files (a decode failure names the file)."""
+    import tensorflow as tf
+
+    model = folder.load()
+    index = {c: i for i, c in enumerate(folder.classes)}
+    y = np.array([index[c] for c in labels], dtype=np.int32)
+    try:
+        return predict_probs(model, make_image_dataset(image_paths, y, folder.image_size, batch_size=64), tta=tta)
+    except tf.errors.OpError:
+        bad = find_unreadable(image_paths)
+        if bad:
+            where = f"image listed in {table.name}" if table else "image"
+            raise StageInputError(bad[0], f"{where} cannot be decoded: {bad[1]}") from None
+        raise
+
+
+def predict_split(model_dir: Path, dataset_dir: Path, split: str, folder=None, tta: bool = False) -> SplitPredictions:
     """Predict every image of `split` in dataset_dir/dataset.parquet with the model in model_dir
     (sha256-verified, safe_mode load). Used by evaluate, and by promote to re-score the
     production model on the same images as the challenger."""
     model_dir, dataset_dir = Path(model_dir), Path(dataset_dir)
     folder = folder or open_model_folder(model_dir)
-    classes = folder.classes
     dataset_path = dataset_dir / "dataset.parquet"
-    df = read_dataset(dataset_path, classes, classes_from=f"the model's {LABELS_FILE}")
+    df = read_dataset(dataset_path, folder.classes, classes_from=f"the model's {LABELS_FILE}")
     part = df[df["split"] == split].reset_index(drop=True)
     if part.empty:
         raise StageInputError(dataset_path, f"no rows with split == '{split}' to evaluate")
-
-    import tensorflow as tf
-
-    model = folder.load()
-    index = {c: i for i, c in enumerate(classes)}
-    paths = [str(dataset_dir / p) for p in part["path"]]
-    y_true = np.array([index[c] for c in part["label"]])
-    try:
-        probs = model.predict(make_image_dataset(paths, y_true, folder.image_size, batch_size=64), verbose=0)
-    except tf.errors.OpError:
-        bad = find_unreadable(paths)
-        if bad:
-            raise StageInputError(bad[0], f"image listed in {dataset_path.name} cannot be decoded: {bad[1]}") from None
-        raise
-    return SplitPredictions(paths=list(part["path"]), labels=list(part["label"]), probs=np.asarray(probs),
-                            classes=classes)
+    probs = predict_paths(folder, [str(dataset_dir / p) for p in part["path"]], list(part["label"]), tta=tta,
+                          table=dataset_path)
+    return SplitPredictions(paths=list(part["path"]), labels=list(part["label"]), probs=probs, classes=folder.classes)
 
 
-def evaluate_model(model_dir: Path, dataset_dir: Path, eval_dir: Path, cfg: EvaluateParams) -> EvalResult:
-    """Predict cfg.split with model_dir/model.keras; write metrics.json, confusion_matrix.png,
-    confusion.csv and predictions.csv into eval_dir."""
-    model_dir, dataset_dir, eval_dir = Path(model_dir), Path(dataset_dir), Path(eval_dir)
-    pred = predict_split(model_dir, dataset_dir, cfg.split)
-    classes, probs, y_true, y_pred = pred.classes, pred.probs, pred.y_true, pred.y_pred
+def score_probabilities(pred: SplitPredictions, bins: int) -> tuple[dict, dict, np.ndarray, list[dict]]:
+    """Every figure evaluate reports, from one model's probabilities on one set of images."""
+    y_true, probs, classes = pred.y_true, pred.probs, pred.classes
+    overall, per_class, cm = score_predictions(y_true, pred.y_pred, classes)
+    macro_auc, aucs = one_vs_rest_auc(y_true, probs)
+    ece, rel_bins = reliability(y_true, probs, bins)
+    for c, auc in zip(classes, aucs):
+        per_class[c]["auc"] = auc
+    overall.update({"macro_auc": macro_auc, "ece": ece, "top3_accuracy": top_k_accuracy(y_true, probs, 3),
+                    "log_loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, 1))))})
+    return overall, per_class, cm, rel_bins
+
+
+def write_report(out_dir: Path, pred: SplitPredictions, image_root: Path, cfg: EvaluateParams, name: str) -> dict:
+    """predictions.csv, confusion.csv, reliability.csv and the four pictures for one scored set;
+    returns its metrics (overall figures + per_class)."""
+    overall, per_class, cm, rel_bins = score_probabilities(pred, cfg.calibration_bins)
+    classes, probs = pred.classes, pred.probs
+    ranks = true_class_ranks(pred.y_true, probs)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :3]
+    top3 = [[(classes[j], float(probs[i, j])) for j in row] for i, row in enumerate(order)]
+    pd.DataFrame({"path": pred.paths, "label": pred.labels, "predicted": [classes[i] for i in pred.y_pred],
+                  "confidence": probs.max(axis=1).round(6), "true_class_rank": ranks,
+                  "top3": [";".join(f"{c}:{p:.4f}" for c, p in t) for t in top3]},
+                 columns=list(PREDICTION_COLUMNS)).to_csv(out_dir / "predictions.csv", index=False)
+    pd.DataFrame(cm, index=pd.Index(classes, name="true"), columns=list(classes)).to_csv(out_dir / "confusion.csv")
+    pd.DataFrame(rel_bins).to_csv(out_dir / "reliability.csv", index=False)
     n = len(pred.paths)
-    overall, per_class, cm = score_predictions(y_true, y_pred, classes)
+    plot_confusion_matrix(cm, classes, out_dir / "confusion_matrix.png",
+                          title=f"{name}: accuracy {overall['accuracy']:.3f}, balanced {overall['balanced_accuracy']:.3f} (n={n})")
+    plot_reliability(rel_bins, overall["ece"], out_dir / "reliability_diagram.png", title=f"{name}: reliability")
+    wrong = np.flatnonzero(pred.y_pred != pred.y_true)
+    wrong = wrong[np.argsort(-probs[wrong].max(axis=1), kind="stable")][: cfg.gallery_size]  # most confident first
+    plot_error_gallery([_read_rgb(image_root / pred.paths[i]) for i in wrong], [pred.labels[i] for i in wrong],
+                       [top3[i] for i in wrong], out_dir / "error_gallery.png",
+                       title=f"{name}: {int((pred.y_pred != pred.y_true).sum())} misclassified of {n}"
+                             + (f" (the {len(wrong)} most confident)" if len(wrong) < (pred.y_pred != pred.y_true).sum() else ""))
+    errors = ranks[pred.y_pred != pred.y_true]
+    plot_rank_histogram(errors, len(classes), out_dir / "error_ranks.png",
+                        title=f"{name}: rank of the true class over {len(errors)} errors")
+    return {**overall, "error_rank_counts": {str(r): int((errors == r).sum()) for r in range(2, len(classes) + 1)},
+            "per_class": per_class}
 
+
+def _read_rgb(path: Path) -> np.ndarray:
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    return np.full((8, 8, 3), 255, np.uint8) if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def evaluate_model(model_dir: Path, dataset_dir: Path, eval_dir: Path, cfg: EvaluateParams,
+                   test_data: Path | None = None, params: Params | None = None) -> EvalResult:
+    """Score cfg.split (and the external folder test_data, read with params' ingest/validate/segment
+    settings); write metrics.json, predictions.csv, confusion.csv, reliability.csv and the pictures
+    into eval_dir (the external set's into eval_dir/external)."""
+    model_dir, dataset_dir, eval_dir = Path(model_dir), Path(dataset_dir), Path(eval_dir)
+    folder = open_model_folder(model_dir)
+    pred = predict_split(model_dir, dataset_dir, cfg.split, folder=folder, tta=cfg.tta)
     prepare_output_dir(eval_dir, model_dir, dataset_dir)
-    pd.DataFrame({"path": pred.paths, "label": pred.labels, "predicted": [classes[i] for i in y_pred],
-                  "confidence": probs.max(axis=1).round(6)}, columns=list(PREDICTION_COLUMNS)) \
-        .to_csv(eval_dir / "predictions.csv", index=False)
-    pd.DataFrame(cm, index=pd.Index(classes, name="true"), columns=list(classes)).to_csv(eval_dir / "confusion.csv")
-    metrics = {"split": cfg.split, "n": n, **overall, "per_class": per_class}
-    (eval_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_confusion_matrix(cm, classes, eval_dir / "confusion_matrix.png",
-                          title=f"{cfg.split} split: accuracy {overall['accuracy']:.2f}, "
-                                f"balanced {overall['balanced_accuracy']:.2f} (n={n})")
-    return EvalResult(eval_dir=eval_dir, split=cfg.split, n=n, metrics=overall, per_class=per_class)
+    metrics = write_report(eval_dir, pred, dataset_dir, cfg, f"{cfg.split} split")
+    external = None
+    if test_data is not None:
+        from hemaflow.tasks.external_test import prepare_external
 
-
-def plot_confusion_matrix(cm: np.ndarray, classes: tuple[str, ...], png_path: Path, title: str = "") -> None:
-    """Counts in each cell, colour = fraction of the true class (so rare classes stay visible)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    row_sums = cm.sum(axis=1, keepdims=True)
-    frac = np.divide(cm, row_sums, out=np.zeros(cm.shape, dtype=float), where=row_sums > 0)
-    n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.3 * n + 2.5, 1.1 * n + 2), constrained_layout=True)
-    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, f"{cm[i, j]}", ha="center", va="center", fontsize=12,
-                    color="white" if frac[i, j] > 0.5 else "black")
-    ax.set_xticks(range(n), classes, rotation=35, ha="right")
-    ax.set_yticks(range(n), [f"{c} ({int(row_sums[i, 0])})" for i, c in enumerate(classes)])
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class (images)")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="fraction of true class", shrink=0.8)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+        ext_dir = eval_dir / EXTERNAL_DIR
+        ext = prepare_external(Path(test_data), ext_dir, params or Params(), dataset_dir / "dataset.parquet",
+                               folder.classes)
+        ext_pred = SplitPredictions(paths=ext.paths, labels=ext.labels, classes=folder.classes,
+                                    probs=predict_paths(folder, [str(ext.crops_dir / p) for p in ext.paths], ext.labels,
+                                                        tta=cfg.tta, table=ext.crops_dir / "crops.parquet"))
+        ext_metrics = write_report(ext_dir, ext_pred, ext.crops_dir, cfg, "external test folder")
+        external = {"folder": str(test_data), "n": len(ext.paths), **ext.counts, **ext_metrics}
+        (ext_dir / "metrics.json").write_text(json.dumps(external, indent=2) + "\n")
+    n = len(pred.paths)
+    record = {"split": cfg.split, "n": n, "model_sha256": folder.sha256, "tta": cfg.tta, **metrics}
+    if external is not None:
+        record["external"] = {k: v for k, v in external.items() if k != "per_class"}
+    (eval_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    per_class = metrics.pop("per_class")
+    overall = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    return EvalResult(eval_dir=eval_dir, split=cfg.split, n=n, metrics={**overall, "tta": cfg.tta},
+                      per_class=per_class, external=external)

@@ -33,7 +33,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("augment", ("split_path", "crops_dir"), ("augmented_dir",), "Class-balancing augmentation of the train split."),
     StageSpec("check_quality", ("augmented_dir", "labels_dir"), ("quality_dir",), "Great Expectations gate on the clean table and the splits: schema, taxonomy, balance, leakage."),
     StageSpec("train", ("augmented_dir",), ("model_dir",), "Train the Keras classifier."),
-    StageSpec("evaluate", ("model_dir", "augmented_dir"), ("eval_dir",), "Score the model: accuracy, per-class metrics, confusion matrix."),
+    StageSpec("evaluate", ("model_dir", "augmented_dir", "test_data"), ("eval_dir",), "Score the model on the test split (and an external labelled folder): accuracy, AUC, calibration, confusion matrix, error gallery."),
     StageSpec("promote", ("model_dir", "eval_dir"), ("promotion_path",), "Publish the model to the model store if it passes the gate."),
 )}
 
@@ -111,7 +111,7 @@ def _train(p: Params, d: PathParams, progress):
 
 def _evaluate(p: Params, d: PathParams, progress):
     from hemaflow.tasks.evaluate import evaluate_model
-    return evaluate_model(d.model_dir, d.augmented_dir, d.eval_dir, p.evaluate)
+    return evaluate_model(d.model_dir, d.augmented_dir, d.eval_dir, p.evaluate, test_data=d.test_data, params=p)
 
 
 def _promote(p: Params, d: PathParams, progress):

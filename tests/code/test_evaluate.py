@@ -43,7 +43,13 @@ def test_metrics_file_is_complete_and_well_above_chance(evaluated):
     assert metrics["accuracy"] >= 0.7 and metrics["balanced_accuracy"] >= 0.7  # chance is 0.2
     assert set(metrics["per_class"]) == set(CLASSES)
     for m in metrics["per_class"].values():
-        assert m["support"] == 8 and set(m) == {"precision", "recall", "f1", "support"}
+        assert m["support"] == 8 and set(m) == {"precision", "recall", "f1", "support", "auc"}
+        assert 0.5 < m["auc"] <= 1
+    assert metrics["macro_auc"] == pytest.approx(np.mean([m["auc"] for m in metrics["per_class"].values()]))
+    assert 0 <= metrics["ece"] <= 1 and metrics["top3_accuracy"] >= metrics["accuracy"]
+    from hemaflow.model_folder import sha256_file
+    assert metrics["model_sha256"] == sha256_file(root / "model" / "model.keras")
+    assert sum(metrics["error_rank_counts"].values()) == round((1 - metrics["accuracy"]) * 40)
     assert metrics["macro_f1"] == pytest.approx(np.mean([m["f1"] for m in metrics["per_class"].values()]))
 
 
@@ -59,17 +65,76 @@ def test_predictions_and_confusion_agree_with_metrics(evaluated):
     assert cm.values.sum() == 40 and np.trace(cm.values) / 40 == pytest.approx(result.metrics["accuracy"])
 
 
-def test_confusion_matrix_png_is_a_real_plot(evaluated):
+@pytest.mark.parametrize("picture", ["confusion_matrix.png", "reliability_diagram.png", "error_gallery.png",
+                                     "error_ranks.png"])
+def test_pictures_are_real_plots(evaluated, picture):
     root, _ = evaluated
-    img = cv2.imread(str(root / "eval" / "confusion_matrix.png"))
-    assert img is not None and min(img.shape[:2]) > 400 and img.std() > 20
+    img = cv2.imread(str(root / "eval" / picture))
+    assert img is not None and min(img.shape[:2]) > 200 and img.std() > 20
+
+
+def test_reliability_csv_matches_ece(evaluated):
+    root, _ = evaluated
+    bins = pd.read_csv(root / "eval" / "reliability.csv")
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    used = bins[bins["images"] > 0]
+    ece = float((used["images"] / used["images"].sum() * (used["accuracy"] - used["confidence"]).abs()).sum())
+    assert bins["images"].sum() == 40 and ece == pytest.approx(metrics["ece"])
+
+
+def test_tta_averages_the_eight_views(trained, tmp_path):
+    """TTA probabilities are exactly the mean over the 8 flips/rotations of each crop."""
+    from hemaflow.tasks.evaluate import predict_split
+
+    plain = predict_split(trained / "model", trained / "data", "test")
+    tta = predict_split(trained / "model", trained / "data", "test", tta=True)
+    df = pd.read_parquet(trained / "data" / "dataset.parquet")
+    x = np.stack([load_image(str(trained / "data" / p), 32).numpy() for p in df[df["split"] == "test"]["path"]])
+    model = keras.models.load_model(trained / "model" / "model.keras")
+    views = [x, x[:, ::-1], x[:, :, ::-1]] + [np.rot90(v, k, axes=(1, 2)) for v in (x, x[:, :, ::-1]) for k in (1, 2, 3)]
+    views = views[:1] + views[3:6] + [views[2]] + views[6:]  # 8 distinct dihedral views
+    expected = np.mean([model.predict(np.ascontiguousarray(v), verbose=0) for v in views], axis=0)
+    assert np.allclose(tta.probs, expected, atol=1e-5)
+    assert not np.allclose(tta.probs, plain.probs)
+    result = evaluate_model(trained / "model", trained / "data", tmp_path / "eval", EvaluateParams(split="test", tta=True))
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["tta"] is True and result.metrics["tta"]
+
+
+def test_external_test_folder_is_prepared_like_training_and_drops_seen_images(trained, tmp_path):
+    """--test-data: a class-folder layout goes through ingest/validate/segment; an image that is
+    also in the training data is dropped and counted, never scored."""
+    from hemaflow.config import IngestParams, Params, SegmentParams
+    from hemaflow.model_folder import sha256_file
+
+    data = tmp_path / "data"
+    shutil.copytree(trained / "data", data)
+    df = pd.read_parquet(data / "dataset.parquet")
+    first_train = df.index[df["split"] == "train"][0]
+    df.loc[first_train, "source_sha256"] = sha256_file(data / df.loc[first_train, "path"])  # as ingest records it
+    df.to_parquet(data / "dataset.parquet", index=False)
+    ext = tmp_path / "external"
+    for _, row in df[df["split"] == "test"].iterrows():
+        (ext / "images" / row["label"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(trained / "data" / row["path"], ext / "images" / row["label"] / Path(row["path"]).name)
+    seen = df[df["split"] == "train"].iloc[0]
+    shutil.copy(trained / "data" / seen["path"], ext / "images" / seen["label"] / "seen.png")
+    params = Params(ingest=IngestParams(reader="class_folders"),
+                    segment=SegmentParams(mode="single_cell", single_cell_crop="centre", fallback_crop_px=96,
+                                          crop_size=32))
+    result = evaluate_model(trained / "model", data, tmp_path / "eval", TEST_CFG, test_data=ext, params=params)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    e = metrics["external"]
+    assert e["dropped_seen_in_training"] == 1 and e["n"] == 40 and e["images"] == 41
+    assert abs(e["accuracy"] - metrics["accuracy"]) <= 0.15   # same images, re-cropped from the files
+    assert (tmp_path / "eval" / "external" / "confusion_matrix.png").is_file()
+    assert "external" in result.markdown and result.summary()["external n"] == 40
 
 
 def test_summary_and_markdown(evaluated):
     _, result = evaluated
     assert result.summary()["split"] == "test" and result.summary()["images"] == 40
     md = result.markdown
-    assert "| class | precision | recall | F1 | support |" in md
+    assert "| class | precision | recall | F1 | AUC | support |" in md and "ECE" in md
     assert all(f"| {c} |" in md for c in CLASSES)
 
 
