@@ -286,7 +286,8 @@ class ModelStore(ABC):
         current, target = self.rollback_target(model_name)
         before = None
         for entry in reversed(self.ledger(model_name)):
-            if entry.get("production_changed") and entry.get("version") == target:
+            if entry.get("production_changed") and entry.get("version") == target \
+                    and entry.get("action") != "rollback":
                 before = entry.get("previous_production")
                 break
         card = self._read_card(model_name, target)

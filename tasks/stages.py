@@ -34,7 +34,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("check_quality", ("augmented_dir", "labels_dir"), ("quality_dir",), "Great Expectations gate on the clean table and the splits: schema, taxonomy, balance, leakage."),
     StageSpec("train", ("augmented_dir",), ("model_dir",), "Train the Keras classifier."),
     StageSpec("evaluate", ("model_dir", "augmented_dir", "test_data"), ("eval_dir",), "Score the model on the test split (and an external labelled folder): accuracy, AUC, calibration, confusion matrix, error gallery."),
-    StageSpec("promote", ("model_dir", "eval_dir"), ("promotion_path",), "Publish the model to the model store if it passes the gate."),
+    StageSpec("promote", ("model_dir", "eval_dir", "augmented_dir"), ("promotion_path",), "Store the model as a version; make it production if it beats production on the same test split (gate)."),
 )}
 
 
@@ -116,7 +116,8 @@ def _evaluate(p: Params, d: PathParams, progress):
 
 def _promote(p: Params, d: PathParams, progress):
     from hemaflow.tasks.promote import promote_model
-    return promote_model(d.model_dir, d.eval_dir, d.promotion_path, p.promote, params=p.model_dump(mode="json"))
+    return promote_model(d.model_dir, d.eval_dir, d.promotion_path, p.promote, dataset_dir=d.augmented_dir,
+                         split=p.evaluate.split, raw_dir=d.raw_dir, params=p.model_dump(mode="json"), progress=progress)
 
 
 _RUNNERS = {
