@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -243,6 +243,17 @@ class ScheduleParams(_Frozen):
     watch_interval_s: int = Field(600, ge=10)  # how often the data watcher compares data.dvc with dvc.lock
 
 
+class TrainJobParams(_Frozen):
+    """Where train and evaluate run: in the flow's own process (local), or as a run of the
+    training-job deployment on a work pool (a GPU node), inputs and outputs passing through
+    transfer_url (s3://bucket/prefix, or a folder both machines see)."""
+    mode: Literal["local", "work_pool"] = "local"
+    deployment: str = "hemaflow-train-job/gpu"   # <flow name>/<deployment name> (prefect.yaml)
+    transfer_url: str = "s3://hemaflow/jobs"     # one sub-folder per flow run: inputs/, outputs/
+    timeout_s: float = Field(6 * 3600, gt=0)     # waiting longer than this fails the flow run
+    job_variables: dict[str, Any] = Field(default_factory=dict)  # per-run overrides, e.g. {gpu_limit: 2}
+
+
 class Params(_Frozen):
     base: BaseParams = BaseParams()
     paths: PathParams = PathParams()
@@ -257,6 +268,7 @@ class Params(_Frozen):
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()
     schedule: ScheduleParams = ScheduleParams()
+    train_job: TrainJobParams = TrainJobParams()
 
 
 class ConfigError(ValueError):

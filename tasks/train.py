@@ -241,7 +241,7 @@ def _epoch_timer():
     return EpochTimer()
 
 
-def _time_budget(max_minutes: float):
+def _time_budget(max_minutes: float, spent_seconds: float = 0.0):
     import keras
 
     class TimeBudget(keras.callbacks.Callback):
@@ -259,11 +259,87 @@ def _time_budget(max_minutes: float):
         def on_epoch_end(self, epoch, logs=None):
             now = time.perf_counter()
             self._durations.append(now - self._epoch_t0)
-            if now - self._t0 + max(self._durations[1:] or self._durations) > 60 * max_minutes:
+            if spent_seconds + now - self._t0 + max(self._durations[1:] or self._durations) > 60 * max_minutes:
                 self.stopped_epoch = epoch + 1
                 self.model.stop_training = True
 
     return TimeBudget()
+
+
+RESUME_SUFFIX = ".resume"   # <model_dir>.resume beside the model folder: survives its clearing
+
+
+def resume_dir(model_dir: Path) -> Path:
+    """Where a running job keeps its last checkpoint (weights + optimizer + epoch) and its
+    per-epoch log, so that a killed job continues when run again with the same inputs."""
+    return model_dir.parent / f".{model_dir.name}{RESUME_SUFFIX}"
+
+
+def training_fingerprint(cfg: TrainParams, classes: tuple[str, ...], seed: int, dataset_path: Path) -> str:
+    """What makes two runs 'the same job': params, classes, seed, the dataset table's bytes."""
+    import hashlib
+
+    from hemaflow.model_folder import sha256_file
+
+    blob = json.dumps({"params": cfg.model_dump(mode="json"), "classes": list(classes), "seed": seed,
+                       "dataset": sha256_file(dataset_path)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def open_resume_dir(model_dir: Path, fingerprint: str) -> tuple[Path, list[dict]]:
+    """The resume folder for this job: a checkpoint of the same job is kept (returns its
+    epoch log), one of another job (other params or data) is discarded."""
+    folder = resume_dir(model_dir)
+    marker = folder / "fingerprint.txt"
+    if folder.exists() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint + "\n")
+    return folder, read_epoch_log(folder / "epochs.jsonl")
+
+
+def checkpoint_epoch(folder: Path) -> int:
+    """Epochs completed by the checkpoint in a resume folder (0: none, start from scratch)."""
+    meta = folder / "checkpoint" / "training_metadata.json"
+    try:
+        return int(json.loads(meta.read_text())["epoch"]) if (folder / "checkpoint" / "latest.weights.h5").is_file() else 0
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def read_epoch_log(path: Path) -> list[dict]:
+    """Per-epoch records, last write per epoch wins (an epoch redone after a kill)."""
+    if not path.is_file():
+        return []
+    rows: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by the kill
+            continue
+        rows[int(row["epoch"])] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def _epoch_log(path: Path):
+    import keras
+
+    class EpochLog(keras.callbacks.Callback):
+        """Appends {epoch, metrics, seconds} per epoch, flushed to disk before the checkpoint."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            row = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self._t0, 4),
+                   **{k: float(v) for k, v in (logs or {}).items()}}
+            with open(path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+                import os
+                os.fsync(fh.fileno())
+
+    return EpochLog()
 
 
 def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: tuple[str, ...], seed: int,
@@ -287,6 +363,9 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     from hemaflow.models import build_model
 
     prepare_output_dir(model_dir, dataset_dir)
+    backup, done_before = open_resume_dir(model_dir, training_fingerprint(cfg, classes, seed, dataset_path))
+    resumed_from = checkpoint_epoch(backup)
+    done_before = [r for r in done_before if r["epoch"] <= resumed_from]
     keras.utils.set_random_seed(seed)
     index = {c: i for i, c in enumerate(classes)}
     replicas = strategy.num_replicas_in_sync
@@ -330,8 +409,12 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
 
     stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True)
     timer = _epoch_timer()
-    budget = _time_budget(cfg.max_minutes) if cfg.max_minutes else None
-    callbacks = [stopper, timer] + ([budget] if budget else []) + (
+    spent_before = sum(r["seconds"] for r in done_before)
+    budget = _time_budget(cfg.max_minutes, spent_before) if cfg.max_minutes else None
+    # the epoch log is written before the checkpoint: a kill in between redoes that epoch,
+    # and read_epoch_log keeps its last record
+    restore = keras.callbacks.BackupAndRestore(str(backup / "checkpoint"), save_freq="epoch", double_checkpoint=True)
+    callbacks = [_epoch_log(backup / "epochs.jsonl"), restore, stopper, timer] + ([budget] if budget else []) + (
         [_progress_callback(progress, cfg.epochs)] if progress else [])
     t0 = time.perf_counter()
     try:
@@ -344,10 +427,14 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
         raise
     seconds = time.perf_counter() - t0
 
-    history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
-    history["epoch_seconds"] = [round(s, 4) for s in timer.seconds]
-    epochs_run = len(history["loss"])
-    best_epoch = int(np.argmin(history[monitor])) + 1
+    log = read_epoch_log(backup / "epochs.jsonl")
+    keys = [k for k in fit.history] or [k for k in log[0] if k not in ("epoch", "seconds")]
+    history = {k: [float(r.get(k, float("nan"))) for r in log] for k in keys}
+    history["epoch_seconds"] = [r["seconds"] for r in log]
+    epochs_run = len(log)
+    # the kept weights are the best of this run's epochs (a resumed job restarts early stopping)
+    first = resumed_from if resumed_from < epochs_run else 0
+    best_epoch = first + int(np.argmin(history[monitor][first:])) + 1
     if progress and epochs_run < cfg.epochs:
         progress(cfg.epochs, cfg.epochs)  # stopped early: training is complete
 
@@ -359,7 +446,8 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     n_images = {s: int((df["split"] == s).sum()) for s in SPLITS}
     result = TrainResult(
         model_dir=model_dir, architecture=cfg.architecture, epochs_run=epochs_run, best_epoch=best_epoch,
-        n_images=n_images, seconds=seconds, images_per_second=per_epoch * epochs_run / seconds,
+        n_images=n_images, seconds=seconds + spent_before,
+        images_per_second=per_epoch * (epochs_run - resumed_from) / seconds,
         strategy=describe_strategy(strategy),
         best={k: v[best_epoch - 1] for k, v in history.items() if k != "epoch_seconds"},
     )
@@ -373,12 +461,14 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
         "val_rows_unused": val_unused, "steps_per_epoch": steps_per_epoch,
         "class_weight": {classes[i]: round(w, 4) for i, w in class_weight.items()} if class_weight else None,
         "stopped_by_time_budget": bool(budget and budget.stopped_epoch),
+        "resumed_from_epoch": resumed_from,
         "seconds": round(seconds, 3), "images_per_second": round(result.images_per_second, 1),
         "images_per_second_steady": round(per_epoch / float(np.median(steady)), 1),
         "model_parameters": int(model.count_params()),
         **result.strategy, "tensorflow": tf.__version__, "keras": keras.__version__,
     }
     (model_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(backup, ignore_errors=True)  # the job is complete: nothing to resume
     return result
 
 

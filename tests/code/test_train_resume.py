@@ -1,0 +1,82 @@
+"""Resume: a training job killed mid-run continues from its last checkpoint when run again
+with the same inputs; a checkpoint of another job (other params) is never used."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hemaflow.config import TrainParams
+from hemaflow.tasks.train import read_epoch_log, resume_dir, train_model
+from tests.code.synthetic_wbc import CLASSES, write_dataset
+
+BIN = Path(sys.executable).parent
+TRAIN = {"architecture": "small_cnn", "image_size": 32, "epochs": 40, "batch_size": 8, "learning_rate": 0.003,
+         "patience": 100}
+
+
+def _project(root: Path, train: dict) -> Path:
+    write_dataset(root / "data" / "augmented", per_split={"train": 12, "val": 4, "test": 2})
+    params = {"base": {"classes": list(CLASSES)},
+              "paths": {"augmented_dir": "data/augmented", "model_dir": "models/candidate"}, "train": train}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root / "params.yaml"
+
+
+def _train_cmd(params: Path) -> list[str]:
+    return [str(BIN / "hemaflow"), "train", "--params", str(params)]
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
+    params = _project(tmp_path, TRAIN)
+    model_dir = tmp_path / "models" / "candidate"
+    log = resume_dir(model_dir) / "epochs.jsonl"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(_train_cmd(params), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(read_epoch_log(log)) < 4:
+        assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, "no epoch logged within 300 s"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # no clean-up: like a node lost mid-run
+    proc.wait(timeout=30)
+    done_at_kill = len(read_epoch_log(log))
+    assert done_at_kill < TRAIN["epochs"] and not (model_dir / "model.keras").exists()
+
+    rerun = subprocess.run(_train_cmd(params), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads((model_dir / "train_summary.json").read_text())
+    history = json.loads((model_dir / "history.json").read_text())
+    assert summary["resumed_from_epoch"] >= done_at_kill - 1 >= 3   # the epoch cut by the kill may be redone
+    assert summary["epochs_run"] == TRAIN["epochs"] == len(history["loss"])  # every epoch once, none lost
+    assert summary["best_epoch"] > summary["resumed_from_epoch"]
+    first_after = summary["resumed_from_epoch"]  # 0-based index of the first epoch of the second run
+    assert history["loss"][first_after] < history["loss"][0]  # weights and optimizer came back, not a fresh start
+    assert not resume_dir(model_dir).exists()                       # complete: nothing left to resume
+
+
+def test_checkpoint_of_other_params_is_discarded(tmp_path):
+    """A leftover checkpoint from a job with other params must not leak into this one."""
+    params = _project(tmp_path, {**TRAIN, "epochs": 2})
+    model_dir = tmp_path / "models" / "candidate"
+    stale = resume_dir(model_dir)
+    (stale / "checkpoint").mkdir(parents=True)
+    (stale / "fingerprint.txt").write_text("another job\n")
+    (stale / "checkpoint" / "latest.weights.h5").write_bytes(b"not weights")
+    (stale / "checkpoint" / "training_metadata.json").write_text(json.dumps({"epoch": 1, "batch": 0}))
+    (stale / "epochs.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 1.0, "loss": 9.0}) + "\n")
+    cfg = TrainParams(**{**TRAIN, "epochs": 2})
+    result = train_model(tmp_path / "data" / "augmented", model_dir, cfg, CLASSES, seed=1)
+    summary = json.loads((model_dir / "train_summary.json").read_text())
+    assert summary["resumed_from_epoch"] == 0 and result.epochs_run == 2 and not stale.exists()
+    assert params.is_file()
