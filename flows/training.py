@@ -9,6 +9,11 @@ never for bad input or a failed quality gate, which would fail the same way agai
 The batched stages (segment, augment) are subflows instead of tasks: the same stage code,
 its batches run as tasks on a DaskTaskRunner built from params.yaml `parallel`
 (flows/parallel.py), with a progress artifact updated as batches complete.
+
+With params `train_job.mode: work_pool`, train and evaluate run as one job on a GPU work
+pool instead (flows/gpu_job.py): the `train-job` task submits the job deployment and waits.
+Every stage with pictures (contact sheets, training curves, evaluation plots) publishes them
+as a `<stage>-pictures` markdown artifact, and promote its decision (flows/artifacts.py).
 """
 
 from __future__ import annotations
@@ -20,13 +25,22 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from hemaflow.flows import dvc_state
-from hemaflow.flows.artifacts import publish_summary, stage_progress
+from hemaflow.flows.artifacts import publish_pictures, publish_promotion, publish_summary, stage_progress
+from hemaflow.flows.gpu_job import JOB_STAGES, submit_training
 from hemaflow.flows.parallel import (FlowCluster, dask_task_runner, flow_cluster, is_transient, prefect_batch_runner,
                                      workers_share_prefect_api)
 from hemaflow.config import load_params
 from hemaflow.tasks.stages import BATCHED_STAGES, STAGES, run_stage, stage_paths
 
 RETRIES = {"ingest": 2, "promote": 3}  # segment and augment retry per batch (flows/parallel.py)
+
+
+def _publish_outputs(name: str, params_file: Path) -> None:
+    """The stage's pictures (and promote's decision) from its outputs on disk, run or skipped."""
+    paths = stage_paths(load_params(params_file), params_file.parent)
+    publish_pictures(name, paths)
+    if name == "promote":
+        publish_promotion(paths.promotion_path)
 
 
 def _run_or_skip(name: str, params_path: str, force: bool, use_dvc: bool, batched: bool = False) -> dict:
@@ -37,6 +51,7 @@ def _run_or_skip(name: str, params_path: str, force: bool, use_dvc: bool, batche
     if use_dvc and not force and dvc_state.is_up_to_date(root, name):
         logger.info("%s: up to date in dvc.lock, skipped", name)
         publish_summary(name, {"status": "up to date (dvc.lock): skipped"})
+        _publish_outputs(name, params_file)
         return {"stage": name, "ran": False}
     result = run_stage(name, load_params(params_file), root, progress=stage_progress(name),
                        batch_runner=prefect_batch_runner(name) if batched else None)
@@ -44,8 +59,34 @@ def _run_or_skip(name: str, params_path: str, force: bool, use_dvc: bool, batche
         dvc_state.record_run(root, name)
     summary = result.summary()
     publish_summary(name, summary, getattr(result, "markdown", None))
+    _publish_outputs(name, params_file)
     logger.info("%s: %s", name, summary)
     return {"stage": name, "ran": True}
+
+
+@task(name="train-job", cache_policy=NO_CACHE)  # no retries: a failed job is reported, not resubmitted
+def train_on_work_pool(params_path: str, force: bool, use_dvc: bool) -> list[dict]:
+    """train + evaluate as one run of the job deployment on its work pool (params train_job)."""
+    logger = get_run_logger()
+    params_file = Path(params_path)
+    root = params_file.parent
+    if use_dvc and not force and all(dvc_state.is_up_to_date(root, s) for s in JOB_STAGES):
+        for name in JOB_STAGES:
+            logger.info("%s: up to date in dvc.lock, skipped", name)
+            publish_summary(name, {"status": "up to date (dvc.lock): skipped"})
+            _publish_outputs(name, params_file)
+        return [{"stage": s, "ran": False} for s in JOB_STAGES]
+    params = load_params(params_file)
+    result = submit_training(params, root, JOB_STAGES)
+    where = f"work pool {result['work_pool']}, host {result.get('host')}, flow run {result['job_flow_run_name']}"
+    for name in JOB_STAGES:
+        if use_dvc:
+            dvc_state.record_run(root, name)
+        publish_summary(name, {**result["summaries"][name], "ran on": where}, (result.get("reports") or {}).get(name))
+        _publish_outputs(name, params_file)
+        logger.info("%s (%s): %s", name, where, result["summaries"][name])
+    return [{"stage": s, "ran": True, "job": {k: result.get(k) for k in ("job_flow_run_id", "work_pool", "host")}}
+            for s in JOB_STAGES]
 
 
 def _stage_task(name: str):
@@ -98,8 +139,13 @@ def training_pipeline(params_path: str = "params.yaml", force: bool = False) -> 
     use_dvc = dvc_state.dvc_tracks(root) and params_file.name == "params.yaml"
     params = load_params(params_file)
     outcomes = []
+    on_pool = params.train_job.mode == "work_pool"
     with flow_cluster(params.parallel, needed=_batched_work_ahead(root, force, use_dvc)) as cluster:
         for name in STAGES:
+            if on_pool and name in JOB_STAGES:
+                if name == JOB_STAGES[0]:
+                    outcomes += train_on_work_pool(str(params_file), force, use_dvc)
+                continue
             outcomes.append(_run(name, str(params_file), force, use_dvc, cluster))
             if cluster is not None and name == BATCHED_STAGES[-1]:
                 cluster.close()  # training needs the cores and the memory
@@ -112,6 +158,7 @@ def training_pipeline(params_path: str = "params.yaml", force: bool = False) -> 
         "skipped": [o["stage"] for o in outcomes if not o["ran"]],
         "evaluation": evaluation,
         "promotion": promotion,
+        "train_job": next((o["job"] for o in outcomes if "job" in o), None),
         "reports": {"metrics": str(paths.eval_dir / "metrics.json"),
                     "confusion": str(paths.eval_dir / "confusion_matrix.png"),
                     "review lists": f"{paths.labels_dir / 'review.csv'}, {paths.crops_dir / 'review.csv'}",
