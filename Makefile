@@ -45,4 +45,4 @@ bench: $(STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf data/manifest.parquet data/labels data/crops data/split.parquet data/augmented models reports dvc.lock
+	rm -rf data/manifest.parquet data/labels data/crops data/split.parquet data/augmented reports dvc.lock; if [ -d models ]; then find models -mindepth 1 -maxdepth 1 ! -name registry -exec rm -rf {} +; fi  # models/registry (the default model store) is kept
