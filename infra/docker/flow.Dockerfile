@@ -9,7 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # git: DVC and the promotion record (commit of the project); libglib: OpenCV
 RUN apt-get update && apt-get install -y --no-install-recommends git libglib2.0-0 \
-    && rm -rf /var/lib/apt/lists/*
+    && rm -rf /var/lib/apt/lists/* \
+    && git config --system --add safe.directory '*'   # a bind-mounted checkout owned by another uid
 
 WORKDIR /opt/hemaflow
 # dependencies first (cached layer), then the code

@@ -10,7 +10,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
     PREFECT_SERVER_ANALYTICS_ENABLED=false TF_CPP_MIN_LOG_LEVEL=2 HEMAFLOW_ROOT=/opt/hemaflow
 
 RUN apt-get update && apt-get install -y --no-install-recommends git libglib2.0-0 \
-    && rm -rf /var/lib/apt/lists/*
+    && rm -rf /var/lib/apt/lists/* \
+    && git config --system --add safe.directory '*'   # a bind-mounted checkout owned by another uid
 
 WORKDIR /opt/hemaflow
 COPY pyproject.toml README.md ./

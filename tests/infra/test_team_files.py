@@ -70,3 +70,10 @@ def test_prefect_yaml_schedule_is_params_schedule():
     flow, name = train_job["deployment"].split("/")
     assert flow == "hemaflow-train-job" and name in deployments
     assert train_job["mode"] == "local"  # `make run` trains in-process
+
+
+def test_ci_installs_the_browser_then_runs_the_readme_test_command():
+    ci = (ROOT / ".ci/run").read_text()
+    assert "chromium" in ci and "chromium-driver" in ci and "apt-get install" in ci
+    assert ci.strip().splitlines()[-1] == "make test"
+    assert "make test" in (ROOT / "README.md").read_text()
