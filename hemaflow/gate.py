@@ -53,7 +53,7 @@ def score(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]) 
                   recall=recall, support=support, correct=correct)
 
 
-def test_set_fingerprint(paths: Sequence[str], labels: Sequence[str]) -> str:
+def fingerprint_test_set(paths: Sequence[str], labels: Sequence[str]) -> str:
     """sha256 of the (path, label) list: which frozen set both models were scored on."""
     digest = hashlib.sha256()
     for p, lab in sorted(zip(paths, labels)):

@@ -28,7 +28,7 @@ from typing import Any
 
 from hemaflow.config import PromoteParams
 from hemaflow.errors import StageInputError, require_file
-from hemaflow.gate import Check, Decision, decide, score, test_set_fingerprint
+from hemaflow.gate import Check, Decision, decide, score, fingerprint_test_set
 from hemaflow.model_card import MODEL_CARD_FILE, render_markdown
 from hemaflow.model_folder import ModelFolder, open_model_folder
 from hemaflow.progress import Progress
@@ -165,20 +165,20 @@ def actor() -> str:
 
 
 # --- the gate -------------------------------------------------------------------------------
-def _scores(folder: ModelFolder, dataset_dir: Path, split: str):
+def _scores(folder: ModelFolder, dataset_dir: Path, split: str, tta: bool = False):
     from hemaflow.tasks.evaluate import predict_split
 
-    pred = predict_split(folder.path, dataset_dir, split, folder=folder)
+    pred = predict_split(folder.path, dataset_dir, split, folder=folder, tta=tta)
     return pred, score(pred.y_true, pred.y_pred, pred.classes)
 
 
 def gate(store: ModelStore, cfg: PromoteParams, folder: ModelFolder, dataset_dir: Path, split: str,
-         champion: ModelVersion | None) -> tuple[Decision, dict[str, Any]]:
+         champion: ModelVersion | None, tta: bool = False) -> tuple[Decision, dict[str, Any]]:
     """Score the challenger and (pulled, sha256-verified) champion on the same split; decide.
     Returns the decision and facts about the test set."""
-    pred, challenger = _scores(folder, Path(dataset_dir), split)
-    test_set = {"dataset_dir": str(dataset_dir), "split": split, "n": len(pred.paths),
-                "sha256": test_set_fingerprint(pred.paths, pred.labels)}
+    pred, challenger = _scores(folder, Path(dataset_dir), split, tta)
+    test_set = {"dataset_dir": str(dataset_dir), "split": split, "tta": tta, "n": len(pred.paths),
+                "sha256": fingerprint_test_set(pred.paths, pred.labels)}
     thresholds = dict(min_balanced_accuracy=cfg.min_balanced_accuracy, min_class_recall=cfg.min_class_recall,
                       min_improvement=cfg.min_improvement, mcnemar_alpha=cfg.mcnemar_alpha,
                       min_test_size=cfg.min_test_size)
@@ -194,7 +194,7 @@ def gate(store: ModelStore, cfg: PromoteParams, folder: ModelFolder, dataset_dir
                               f"champion {champion.tag} classes {list(champ_folder.classes)} differ from the "
                               f"challenger's {list(folder.classes)}: not comparable (promote by hand with --force)")
                 return Decision(False, [check], challenger.as_dict(), thresholds=thresholds), test_set
-            champ_pred, champ_scores = _scores(champ_folder, Path(dataset_dir), split)
+            champ_pred, champ_scores = _scores(champ_folder, Path(dataset_dir), split, tta)
             if champ_pred.paths != pred.paths:
                 raise StageInputError(Path(dataset_dir), "champion and challenger were not scored on the same images")
     return decide(challenger, champ_scores, **thresholds), test_set
@@ -208,7 +208,7 @@ def _summary_line(decision: Decision, champion: ModelVersion | None) -> str:
 
 
 def promote_model(model_dir: Path, eval_dir: Path, promotion_path: Path, cfg: PromoteParams, *,
-                  dataset_dir: Path, split: str = "test", raw_dir: Path | None = None,
+                  dataset_dir: Path, split: str = "test", tta: bool = False, raw_dir: Path | None = None,
                   params: dict[str, Any] | None = None, source_commit: str | None = None,
                   progress: Progress | None = None) -> PromotionResult:
     """Gate the candidate in model_dir against production; store it; move production if it passes.
@@ -237,7 +237,7 @@ def promote_model(model_dir: Path, eval_dir: Path, promotion_path: Path, cfg: Pr
         write_promotion(promotion_path, result)
         return result
 
-    decision, test_set = gate(store, cfg, folder, dataset_dir, split, champion)
+    decision, test_set = gate(store, cfg, folder, dataset_dir, split, champion, tta)
     summary = _summary_line(decision, champion)
     data = data_version(raw_dir) if raw_dir is not None else {"path": None, "md5": None, "source": None}
     code = code_revision(model_dir.parent)
@@ -302,7 +302,7 @@ def promote_model(model_dir: Path, eval_dir: Path, promotion_path: Path, cfg: Pr
 
 
 def promote_version(cfg: PromoteParams, version: str | int, dataset_dir: Path, split: str = "test", *,
-                    force: bool = False, force_reason: str | None = None) -> dict[str, Any]:
+                    tta: bool = False, force: bool = False, force_reason: str | None = None) -> dict[str, Any]:
     """`hemaflow models promote VERSION`: the same gate against production, by hand.
     force (with a reason) moves production even if the gate fails; both are in the ledger."""
     if force and not (force_reason or "").strip():
@@ -315,7 +315,7 @@ def promote_version(cfg: PromoteParams, version: str | int, dataset_dir: Path, s
                 "reason": f"{mv.tag} is already production; nothing to do"}
     with tempfile.TemporaryDirectory(prefix="hemaflow-challenger-") as tmp:
         store.pull(cfg.model_name, mv.version, Path(tmp))
-        decision, test_set = gate(store, cfg, open_model_folder(Path(tmp)), dataset_dir, split, champion)
+        decision, test_set = gate(store, cfg, open_model_folder(Path(tmp)), dataset_dir, split, champion, tta)
     summary = _summary_line(decision, champion)
     previous = champion.version if champion else None
     outcome, production_version = "rejected", previous

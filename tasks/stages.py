@@ -117,7 +117,7 @@ def _evaluate(p: Params, d: PathParams, progress):
 def _promote(p: Params, d: PathParams, progress):
     from hemaflow.tasks.promote import promote_model
     return promote_model(d.model_dir, d.eval_dir, d.promotion_path, p.promote, dataset_dir=d.augmented_dir,
-                         split=p.evaluate.split, raw_dir=d.raw_dir, params=p.model_dump(mode="json"), progress=progress)
+                         split=p.evaluate.split, tta=p.evaluate.tta, raw_dir=d.raw_dir, params=p.model_dump(mode="json"), progress=progress)
 
 
 _RUNNERS = {
