@@ -34,6 +34,10 @@ from hemaflow.tasks.stages import run_stage, stage_paths
 JOB_FLOW = "hemaflow-train-job"
 JOB_STAGES = ("train", "evaluate")
 RESULT_FILE = "result.json"
+JOB_PARAM_BLOCKS = ("base", "train", "evaluate")  # what run_stage("train"/"evaluate") reads besides paths
+# optional inputs of train/evaluate besides the augmented dataset (params paths; a file or a
+# folder), sent along when set: a model to continue from, local backbone weights, a test set
+EXTRA_INPUTS = ("init_model", "backbone_weights", "test_data")
 
 
 class TrainJobError(RuntimeError):
@@ -74,6 +78,15 @@ def upload_dir(local: Path, url: str) -> int:
             shutil.rmtree(dest)
         shutil.copytree(local, dest)
     return len(files)
+
+
+def upload_file(local: Path, url: str) -> None:
+    if url.startswith("s3://"):
+        bucket, key = _split_s3(url)
+        _s3().upload_file(str(local), bucket, key)
+    else:
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(local, url)
 
 
 def download_dir(url: str, local: Path) -> int:
@@ -131,7 +144,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 @flow(name=JOB_FLOW, log_prints=False)
-def train_job(transfer_url: str, params: dict, stages: list[str] = list(JOB_STAGES)) -> dict:
+def train_job(transfer_url: str, params: dict, stages: list[str] = list(JOB_STAGES),
+              extra_inputs: dict[str, str] | None = None) -> dict:
     """Pull the augmented dataset from transfer_url/inputs, run the stages, push model and
     evaluation to transfer_url/outputs; returns (and writes to outputs/result.json) the
     stages' summaries. Training uses the devices this machine has (params train.devices)."""
@@ -143,14 +157,20 @@ def train_job(transfer_url: str, params: dict, stages: list[str] = list(JOB_STAG
     p = Params.model_validate(params).model_copy(update={"paths": PathParams()})
     with tempfile.TemporaryDirectory(prefix="hemaflow-job-") as tmp:
         root = Path(tmp)
-        paths = stage_paths(p, root)
+        overrides = {}
+        for name, rel in (extra_inputs or {}).items():  # see submit_training
+            local = root / "inputs" / name
+            if not download_dir(join(transfer_url, "inputs", name), local):
+                raise TrainJobError(f"input {name} missing at {join(transfer_url, 'inputs', name)}")
+            overrides[name] = local / rel if rel else local
+        paths = stage_paths(p, root, overrides)
         n = download_dir(join(transfer_url, "inputs", "augmented"), paths.augmented_dir)
         if not n:
             raise TrainJobError(f"no training inputs at {join(transfer_url, 'inputs', 'augmented')}")
         logger.info("pulled %d input files from %s", n, transfer_url)
         summaries, reports = {}, {}
         for name in stages:
-            result = run_stage(name, p, root, progress=stage_progress(name))
+            result = run_stage(name, p, root, overrides, progress=stage_progress(name))
             summaries[name] = _jsonable(result.summary())
             reports[name] = getattr(result, "markdown", None)
             publish_summary(name, result.summary(), reports[name])
@@ -186,9 +206,25 @@ def submit_training(params: Params, root: Path, stages: tuple[str, ...] = JOB_ST
     run_key = str(flow_run.id) if flow_run.id else uuid.uuid4().hex
     where = join(cfg.transfer_url, run_key)
     n = upload_dir(paths.augmented_dir, join(where, "inputs", "augmented"))
+    extra = {}
+    for name in EXTRA_INPUTS:
+        src = getattr(paths, name, None)
+        if src is None:
+            continue
+        src = Path(src)
+        if src.is_dir():
+            n += upload_dir(src, join(where, "inputs", name))
+            extra[name] = ""
+        else:  # a missing file fails here, naming it, rather than on the GPU node
+            upload_file(src, join(where, "inputs", name, src.name))
+            n += 1
+            extra[name] = src.name
     logger.info("pushed %d input files to %s; submitting %s to %s", n, where, "+".join(stages), cfg.deployment)
-    run = run_deployment(cfg.deployment, parameters={"transfer_url": where, "params": params.model_dump(mode="json"),
-                                                     "stages": list(stages)},
+    # only the blocks the job reads: an image built from another commit then fails only on a
+    # difference that matters, and loudly (the job validates them)
+    job_params = params.model_dump(mode="json", include=set(JOB_PARAM_BLOCKS))
+    run = run_deployment(cfg.deployment, parameters={"transfer_url": where, "params": job_params,
+                                                     "stages": list(stages), "extra_inputs": extra},
                          timeout=cfg.timeout_s, job_variables=cfg.job_variables or None,
                          flow_run_name=f"train-job-{run_key[:8]}", tags=["hemaflow", "train-job"])
     state = run.state
