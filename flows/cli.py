@@ -22,6 +22,8 @@ import click
 
 from hemaflow.config import ConfigError, Params, load_params
 from hemaflow.errors import SourceReadError, StageInputError
+from hemaflow.flows.models_cli import _cleanly as _store_errors_cleanly
+from hemaflow.flows.models_cli import models_group, pull_model, resolve_store_url
 from hemaflow.tasks.stages import STAGES
 
 
@@ -133,20 +135,41 @@ def serve(params_path: Path) -> None:
     prefect_serve(*deployments)
 
 
+def _is_store_spec(value: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"(?i)production|latest|v?\d+", value.strip())) and not Path(value).is_dir()
+
+
 @app.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), default="models/pulled", show_default=True,
-              help="Model folder (from `hemaflow pull`, or models/candidate).")
+@click.option("--model", "model", default="production", show_default=True,
+              help="production, latest or vN from the model store (pulled and sha256-verified into "
+                   "models/pulled/<name>-<version>), or a model folder (models/candidate).")
+@click.option("--store-url", default=None, help="Model store (directory or s3://bucket/prefix); default from params.")
+@click.option("--model-name", default=None)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default="reports/classify", show_default=True)
+@click.option("--overlays", is_flag=True, help="Also write overlays/<image>.png with every cell's box and label.")
 @params_option
 @_fail_cleanly
-def classify(images: tuple[Path, ...], model_dir: Path, out_dir: Path, params_path: Path) -> None:
-    """Find and classify every white cell in smear images (files or folders); write a differential count."""
+@_store_errors_cleanly
+def classify(images: tuple[Path, ...], model: str, store_url: str | None, model_name: str | None, out_dir: Path,
+             overlays: bool, params_path: Path) -> None:
+    """Find and classify every white cell in smear images (files or folders): per cell top-3 classes,
+    per image and overall differential count (CSV + JSON), images/second."""
     from hemaflow.progress import tqdm_progress
     from hemaflow.tasks.classify import classify_smears
 
     fallback = load_params(params_path) if params_path.is_file() else Params()
-    result = classify_smears(model_dir, list(images), out_dir, fallback, progress=tqdm_progress("classify"))
+    if _is_store_spec(model):
+        url = resolve_store_url(store_url or fallback.promote.store_url, params_path)
+        name = model_name or fallback.promote.model_name
+        model_dir, mv = pull_model(url, name, model, Path("models/pulled") / f"{name}-{model.strip().lower()}")
+        click.echo(f"model: {name} {mv.tag} ({model}) from {url}, sha256 {mv.sha256[:12]} verified")
+    else:
+        model_dir = Path(model)
+    result = classify_smears(model_dir, list(images), out_dir, fallback, progress=tqdm_progress("classify"),
+                             overlays=overlays)
     for k, v in result.summary().items():
         click.echo(f"{k}: {v}")
 
@@ -178,18 +201,19 @@ def generate(out_dir: Path, n_fields: int, seed: int) -> None:
 @app.command()
 @click.option("--store-url", default=None, help="Model store (directory or s3://bucket/prefix); default from params.")
 @click.option("--model-name", default=None)
-@click.option("--version", "version", default="latest", show_default=True)
+@click.option("--model", "--version", "version", default="production", show_default=True,
+              help="production, latest or vN.")
 @click.option("--dest", "dest_dir", type=click.Path(path_type=Path), default="models/pulled", show_default=True)
 @params_option
 @_fail_cleanly
+@_store_errors_cleanly
 def pull(store_url: str | None, model_name: str | None, version: str, dest_dir: Path, params_path: Path) -> None:
-    """Download a promoted model from the model store."""
-    from hemaflow.store import open_store
-
-    p = load_params(params_path)
-    url = store_url or p.promote.store_url
-    path = open_store(url).pull(model_name or p.promote.model_name, version, dest_dir)
-    click.echo(f"pulled {model_name or p.promote.model_name} {version} from {url} to {path}")
+    """Download a model version from the model store; every file's sha256 is verified against its card."""
+    p = load_params(params_path) if params_path.is_file() else Params()
+    url = resolve_store_url(store_url or p.promote.store_url, params_path)
+    name = model_name or p.promote.model_name
+    path, mv = pull_model(url, name, version, dest_dir)
+    click.echo(f"pulled {name} {mv.tag} ({version}) from {url} to {path}; sha256 of every file verified")
 
 
 def _stage_command(name: str):
@@ -217,3 +241,5 @@ def _stage_command(name: str):
 
 for _name in STAGES:
     _stage_command(_name)
+
+app.add_command(models_group)

@@ -3,12 +3,17 @@
 This is what a lab does with the model it pulled from the store (`hemaflow pull`): the
 segmentation settings and input size the model was trained with travel in its card.json
 (the params of the run that promoted it), so a pulled model crops cells exactly as its
-training crops were cut. Outputs: one row per cell (box, class, probability, flags) and a
-differential count per image, the figure a haematologist reads.
+training crops were cut. Outputs: one row per cell (box, top-3 classes with their
+probabilities, flags) in cells.csv, the differential count (counts and percentages per class)
+per image and over the whole input in differential.csv, everything in results.json,
+optional PNG overlays (boxes and labels), and the review list (unreadable files, fields
+without a cell, doubtful cells). Unreadable files are reported and skipped.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +30,10 @@ from hemaflow.tasks.segment import crop_cell, find_white_cells
 
 STAGE = "classify"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
-CELL_COLUMNS = ("image", "cell", "x0", "y0", "x1", "y1", "label", "probability", "flag")
+TOP_K = 3
+CELL_COLUMNS = ("image", "cell", "x0", "y0", "x1", "y1", "label", "probability", "top2_label", "top2_probability",
+                "top3_label", "top3_probability", "flag")
+OVERALL = "ALL"
 
 
 @dataclass
@@ -36,22 +44,42 @@ class ClassifyResult:
     n_images: int
     n_cells: int
     counts: dict[str, int] = field(default_factory=dict)
+    json_path: Path | None = None
+    overlay_dir: Path | None = None
+    n_unreadable: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n_images / self.seconds if self.seconds else 0.0
+
+    @property
+    def cells_per_s(self) -> float:
+        return self.n_cells / self.seconds if self.seconds else 0.0
 
     def summary(self) -> dict:
         total = sum(self.counts.values()) or 1
-        return {"images": self.n_images, "cells": self.n_cells,
-                **{f"{k} %": round(100 * v / total, 1) for k, v in self.counts.items()},
-                "cells table": str(self.cells_path), "differential": str(self.counts_path)}
+        out = {"images": self.n_images, "unreadable (skipped)": self.n_unreadable, "cells": self.n_cells,
+               **{f"{k} %": round(100 * v / total, 1) for k, v in self.counts.items()},
+               "images/s": round(self.images_per_s, 1), "cells/s": round(self.cells_per_s, 1),
+               "cells table": str(self.cells_path), "differential": str(self.counts_path)}
+        if self.json_path:
+            out["json"] = str(self.json_path)
+        if self.overlay_dir:
+            out["overlays"] = str(self.overlay_dir)
+        return out
 
 
-def load_model_dir(model_dir: Path, fallback: Params) -> tuple[object, tuple[str, ...], Params]:
-    """Model, class names and the params it was trained with (card.json, else `fallback`);
-    opened and sha256-checked by hemaflow.model_folder."""
-    folder = open_model_folder(model_dir)
+def load_model_dir(model_dir: Path, fallback: Params, folder=None) -> tuple[object, tuple[str, ...], Params]:
+    """Model (Keras safe_mode=True), class names and the params it was trained with (card.json's
+    segment/train blocks, else `fallback`); every file sha256-checked by hemaflow.model_folder
+    before Keras reads it."""
+    folder = folder or open_model_folder(model_dir)
     params = fallback
-    trained = (folder.card or {}).get("params")
-    if trained:
-        params = Params.model_validate(trained)
+    trained = (folder.card or {}).get("params") or {}
+    blocks = {k: trained[k] for k in ("base", "segment", "train") if k in trained}
+    if blocks:
+        params = Params.model_validate(blocks)
     return folder.load(), folder.classes, params
 
 
@@ -78,20 +106,60 @@ def _to_model_input(crop_bgr: np.ndarray, image_size: int) -> np.ndarray:
     return tf.image.resize(rgb, (image_size, image_size), antialias=True).numpy()
 
 
+def differential(cells: pd.DataFrame, classes: tuple[str, ...], images: list[str]) -> pd.DataFrame:
+    """Per image and over everything (row 'ALL'): count and percentage of each class among
+    the counted cells (flagged cells are listed but not counted)."""
+    counted = cells[cells["flag"] == ""]
+    counts = (counted.groupby(["image", "label"]).size().unstack(fill_value=0)
+              .reindex(columns=list(classes), fill_value=0))
+    counts = counts.reindex(sorted(set(images)), fill_value=0)
+    counts.loc[OVERALL] = counts.sum(axis=0)
+    totals = counts.sum(axis=1)
+    pct = counts.div(totals.where(totals > 0, 1), axis=0).mul(100).round(1)
+    out = pd.concat([counts.astype(int), pct.add_suffix(" %")], axis=1)
+    out.insert(0, "cells", totals.astype(int))
+    out.index.name = "image"
+    return out
+
+
+def draw_overlay(image: np.ndarray, rows: list[dict], path: Path) -> None:
+    """The field with every cell's box and top label (flagged cells in orange)."""
+    canvas = image.copy()
+    for r in rows:
+        colour = (0, 140, 255) if r["flag"] else (40, 180, 40)
+        cv2.rectangle(canvas, (int(r["x0"]), int(r["y0"])), (int(r["x1"]), int(r["y1"])), colour, 2)
+        text = f"{r.get('label', '?')} {r.get('probability', 0):.2f}"
+        cv2.putText(canvas, text, (int(r["x0"]), max(12, int(r["y0"]) - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    colour, 1, cv2.LINE_AA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), canvas)
+
+
 def classify_smears(model_dir: Path, inputs: list[Path], out_dir: Path, params: Params,
-                    progress: Progress | None = None, batch_size: int = 64) -> ClassifyResult:
-    """Segment every image, classify every cell found, write cells.csv, differential.csv, review.csv."""
-    model, classes, trained = load_model_dir(Path(model_dir), params)
-    seg, size = trained.segment, trained.train.image_size
+                    progress: Progress | None = None, batch_size: int = 64, overlays: bool = False) -> ClassifyResult:
+    """Segment every image, classify every cell found; write cells.csv, differential.csv,
+    results.json, review.csv (and overlays/*.png when asked)."""
+    started = time.perf_counter()
+    folder = open_model_folder(Path(model_dir))
+    model, classes, trained = load_model_dir(Path(model_dir), params, folder)
+    seg, size = trained.segment, folder.image_size  # the input size the model itself declares
     images = list_images([Path(p) for p in inputs])
     rows: list[dict] = []
     crops: list[np.ndarray] = []
     review: list[ReviewItem] = []
+    unreadable: list[str] = []
+    kept: dict[str, np.ndarray] = {}
     for path in track(images, len(images), progress, every=10):
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        try:
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        except cv2.error:
+            image = None
         if image is None:
             review.append(ReviewItem(STAGE, path.name, str(path), "unreadable_image", "OpenCV cannot decode it"))
+            unreadable.append(str(path))
             continue
+        if overlays:
+            kept[str(path)] = image
         dets = find_white_cells(image, seg)
         if not dets:
             review.append(ReviewItem(STAGE, path.name, str(path), "no_cell_found", "no white cell found"))
@@ -108,18 +176,40 @@ def classify_smears(model_dir: Path, inputs: list[Path], out_dir: Path, params: 
         probs = np.concatenate([np.asarray(model.predict_on_batch(np.stack(crops[i:i + batch_size])))
                                 for i in range(0, len(crops), batch_size)])
         for row, p in zip(rows, probs):
-            row["label"], row["probability"] = classes[int(np.argmax(p))], round(float(np.max(p)), 4)
+            order = np.argsort(-p)[:TOP_K]
+            row["label"], row["probability"] = classes[int(order[0])], round(float(p[order[0]]), 4)
+            for k, idx in enumerate(order[1:], start=2):
+                row[f"top{k}_label"], row[f"top{k}_probability"] = classes[int(idx)], round(float(p[idx]), 4)
     cells = pd.DataFrame(rows, columns=list(CELL_COLUMNS))
-    counted = cells[cells["flag"] == ""]
-    counts = (counted.groupby(["image", "label"]).size().unstack(fill_value=0)
-              .reindex(columns=list(classes), fill_value=0))
-    counts = counts.reindex(sorted({str(p) for p in images}), fill_value=0)
-    counts.index.name = "image"
+    readable = [str(p) for p in images if str(p) not in set(unreadable)]
+    diff = differential(cells, classes, readable)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells_path, counts_path, review_path = out_dir / "cells.csv", out_dir / "differential.csv", out_dir / "review.csv"
     cells.to_csv(cells_path, index=False)
-    counts.to_csv(counts_path)
+    diff.to_csv(counts_path)
     write_review(review, review_path)
+    overlay_dir = None
+    if overlays:
+        overlay_dir = out_dir / "overlays"
+        for img_path, image in kept.items():
+            draw_overlay(image, [r for r in rows if r["image"] == img_path], overlay_dir / (Path(img_path).stem + ".png"))
+    seconds = time.perf_counter() - started
+
+    def block(name: str) -> dict:
+        r = diff.loc[name]
+        return {"cells": int(r["cells"]), "counts": {c: int(r[c]) for c in classes},
+                "percent": {c: float(r[f"{c} %"]) for c in classes}}
+
+    card = folder.card or {}
+    json_path = out_dir / "results.json"
+    json_path.write_text(json.dumps({
+        "model": {"sha256": folder.sha256, "name": card.get("name"), "version": card.get("tag"),
+                  "classes": list(classes)},
+        "overall": block(OVERALL), "images": {img: block(img) for img in readable},
+        "cells": json.loads(cells.to_json(orient="records")), "unreadable": unreadable,
+        "images_per_s": round(len(images) / seconds, 2) if seconds else None,
+    }, indent=2) + "\n")
     return ClassifyResult(cells_path, counts_path, review_path, len(images), len(cells),
-                          {c: int(counts[c].sum()) for c in classes})
+                          {c: int(diff.loc[OVERALL, c]) for c in classes}, json_path=json_path,
+                          overlay_dir=overlay_dir, n_unreadable=len(unreadable), seconds=seconds)

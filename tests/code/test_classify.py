@@ -46,9 +46,23 @@ def test_every_cell_found_labelled_and_counted(smears, model_dir, tmp_path):
     assert abs(len(cells) - truth) <= 1, (len(cells), truth)
     assert set(cells["label"]) <= set(Params().base.classes)
     assert cells["probability"].between(0, 1).all()
+    classes = list(Params().base.classes)
     counts = pd.read_csv(res.counts_path, index_col="image")
-    assert len(counts) == 12 and list(counts.columns) == list(Params().base.classes)
-    assert counts.to_numpy().sum() == (cells["flag"].fillna("") == "").sum()
+    assert len(counts) == 13 and counts.index[-1] == "ALL"     # 12 images + the whole input
+    assert list(counts.columns) == ["cells", *classes, *[f"{c} %" for c in classes]]
+    counted = (cells["flag"].fillna("") == "").sum()
+    assert counts.loc["ALL", classes].sum() == counted == counts.loc["ALL", "cells"]
+    assert counts.drop(index="ALL")[classes].sum().tolist() == counts.loc["ALL", classes].tolist()
+    pct = counts.loc[counts["cells"] > 0, [f"{c} %" for c in classes]].sum(axis=1)
+    assert ((pct - 100).abs() <= 0.3).all()
+    # top-3 per cell, in order
+    assert (cells["probability"] >= cells["top2_probability"]).all()
+    assert (cells["top2_probability"] >= cells["top3_probability"]).all()
+    assert (cells[["label", "top2_label", "top3_label"]].nunique(axis=1) == 3).all()
+    data = json.loads(res.json_path.read_text())
+    assert data["overall"]["cells"] == counted and set(data["overall"]["percent"]) == set(classes)
+    assert len(data["images"]) == 12 and len(data["cells"]) == len(cells) and data["unreadable"] == []
+    assert data["model"]["sha256"] and res.images_per_s > 0 and res.summary()["images/s"] > 0
 
 
 def test_unreadable_image_goes_to_review(smears, model_dir, tmp_path):
@@ -59,7 +73,49 @@ def test_unreadable_image_goes_to_review(smears, model_dir, tmp_path):
     res = classify_smears(model_dir, [bad, smears / "fields" / "SmearField_00000.jpg"], tmp_path / "out", Params())
     review = pd.read_csv(res.review_path)
     assert list(review["reason"]) == ["unreadable_image"] and review["path"].iloc[0] == str(bad)
-    assert res.n_images == 2
+    assert res.n_images == 2 and res.n_unreadable == 1
+    counts = pd.read_csv(res.counts_path, index_col="image")
+    assert str(bad) not in counts.index                      # skipped, not counted as an empty image
+    assert json.loads(res.json_path.read_text())["unreadable"] == [str(bad)]
+
+
+def test_overlays_draw_every_cell(smears, model_dir, tmp_path):
+    import cv2
+
+    from hemaflow.tasks.classify import classify_smears
+
+    one = smears / "fields" / "SmearField_00001.jpg"
+    res = classify_smears(model_dir, [one], tmp_path, Params(), overlays=True)
+    png = res.overlay_dir / "SmearField_00001.png"
+    drawn, original = cv2.imread(str(png)), cv2.imread(str(one))
+    assert drawn.shape == original.shape and (drawn != original).any()
+
+
+def test_cli_classifies_with_the_production_model_from_the_store(smears, model_dir, tmp_path):
+    """`hemaflow classify --model production` pulls from the store, verifies, loads safe_mode."""
+    import subprocess
+    import sys
+
+    from hemaflow.store import open_store
+
+    store = open_store(str(tmp_path / "registry"))
+    mv = store.publish("wbc", {"model.keras": model_dir / "model.keras", "labels.json": model_dir / "labels.json"},
+                       {"params": {"segment": Params().segment.model_dump(mode="json")}})
+    store.set_production("wbc", mv.version, expected=None)
+    cmd = [str(Path(sys.executable).parent / "hemaflow"), "classify", str(smears / "fields" / "SmearField_00002.jpg"),
+           "--model", "production", "--store-url", str(tmp_path / "registry"), "--model-name", "wbc",
+           "--out", str(tmp_path / "out"), "--params", str(tmp_path / "none.yaml")]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert f"wbc v0001 (production)" in res.stdout and "images/s:" in res.stdout and "cells/s:" in res.stdout
+    assert (tmp_path / "models" / "pulled" / "wbc-production" / "card.json").is_file()
+    assert (tmp_path / "out" / "results.json").is_file()
+
+    # tampered in the store: refused with a clear message, no traceback
+    data = (model_dir / "model.keras").read_bytes()
+    (store.root_dir / "wbc" / "v0001" / "model.keras").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 1 and "sha256 mismatch" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_missing_model_file_is_named(tmp_path, smears):
