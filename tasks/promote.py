@@ -249,6 +249,16 @@ def promote_model(model_dir: Path, eval_dir: Path, promotion_path: Path, cfg: Pr
         mv, published = existing, False
     else:
         files = {"model.keras": folder.model_path, "labels.json": folder.labels_path, "metrics.json": metrics_path}
+        ext_path = eval_dir / "external" / "metrics.json"   # evaluate's external test folder, when given
+        external = None
+        if ext_path.is_file():
+            try:
+                external = json.loads(ext_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise StageInputError(ext_path, f"not valid JSON: {exc}") from exc
+            files["external_metrics.json"] = ext_path
+        elif isinstance(metrics.get("external"), dict):
+            external = metrics["external"]
         card = {
             "model_name": cfg.model_name,
             "classes": list(folder.classes),
@@ -260,7 +270,7 @@ def promote_model(model_dir: Path, eval_dir: Path, promotion_path: Path, cfg: Pr
             "code": code,
             "source_commit": code.get("commit"),
             "metrics": summarize_metrics(metrics),
-            "evaluation": {"internal": metrics, "external": None},
+            "evaluation": {"internal": metrics, "external": external},
             "promotion": {"gate_passed": decision.passed, "summary": summary, "reasons": decision.reasons,
                           "gate": decision.as_dict(), "test_set": test_set,
                           "champion": {"version": champion.version, "sha256": champion.sha256} if champion else None,
