@@ -8,6 +8,11 @@
   data version in data.dvc with the one the last ingest ran on (dvc.lock) and emits the
   event when they differ, so new data (`dvc add data/raw` or a `git pull` that moved
   data.dvc) starts a retraining without waiting for the cron.
+
+The retrain deployment runs `retrain`: when the raw data's DVC version (data.dvc) and the
+model-shaping params equal those recorded in the production model's card, it skips
+training altogether (a Prefect markdown artifact says why); otherwise it runs the training
+pipeline, whose promote stage gates the new model against production.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from prefect.schedules import Cron, Interval
 
 from hemaflow.flows.training import training_pipeline
 from hemaflow.config import Params, load_params
+from hemaflow.provenance import data_version, params_fingerprint
 
 DATA_CHANGED = "hemaflow.data.changed"
 RETRAIN_DEPLOYMENT = "retrain"
@@ -59,6 +65,49 @@ def data_change(root: Path, params: Params) -> dict:
     trained = _trained_md5(root / "dvc.lock", raw)
     return {"raw_dir": raw, "versioned_md5": versioned, "trained_md5": trained,
             "changed": versioned is not None and versioned != trained}
+
+
+def production_matches(root: Path, params: Params) -> dict:
+    """Are the raw data's DVC version and the model-shaping params those of the production model?"""
+    from hemaflow.store import StoreError, open_store
+
+    url = params.promote.store_url
+    if "://" not in url and not Path(url).is_absolute():
+        url = str(root / url)
+    data = data_version(root / params.paths.raw_dir)
+    status = {"production": None, "data_md5": data["md5"], "production_data_md5": None,
+              "params_fingerprint": params_fingerprint(params.model_dump(mode="json")),
+              "production_params_fingerprint": None, "current": False}
+    try:
+        prod = open_store(url).production(params.promote.model_name)
+    except StoreError as exc:  # an unreachable store must not stop a retraining
+        status["error"] = str(exc)
+        return status
+    if prod is None:
+        return status
+    card = prod.card
+    status.update(production=prod.tag, production_data_md5=(card.get("data_version") or {}).get("md5"),
+                  production_params_fingerprint=card.get("params_fingerprint"))
+    status["current"] = (status["data_md5"] is not None and status["data_md5"] == status["production_data_md5"]
+                         and status["params_fingerprint"] == status["production_params_fingerprint"])
+    return status
+
+
+@flow(name="hemaflow-training", log_prints=False)
+def retrain(params_path: str = "params.yaml", force: bool = False) -> dict:
+    """The scheduled retraining: skip when data and params are production's, else train (and gate)."""
+    params_file = Path(params_path).resolve()
+    status = production_matches(params_file.parent, load_params(params_file))
+    if status["current"] and not force:
+        from prefect.artifacts import create_markdown_artifact
+
+        text = (f"raw data {status['data_md5']} and params {status['params_fingerprint'][:12]} are those of "
+                f"production {status['production']}: training skipped")
+        get_run_logger().info(text)
+        create_markdown_artifact(markdown=f"## Retraining skipped\n\n{text}\n", key="retrain-skipped",
+                                 description="retraining: nothing new to train on")
+        return {"ran": [], "skipped": ["training"], "skipped_training": True, "reason": text, "status": status}
+    return training_pipeline.fn(params_path=str(params_file), force=force)
 
 
 def retraining_under_way() -> bool:
@@ -110,7 +159,7 @@ def retraining_deployments(params_file: Path) -> list:
     root = params_file.parent
     sched = load_params(params_file).schedule
     args = {"params_path": str(params_file)}
-    retrain = training_pipeline.to_deployment(
+    retrain_deployment = retrain.to_deployment(
         name=RETRAIN_DEPLOYMENT,
         schedules=[Cron(sched.cron, timezone=sched.timezone)],
         parameters=args,
@@ -124,4 +173,4 @@ def retraining_deployments(params_file: Path) -> list:
     watch = watch_data.to_deployment(name="watch-data", schedules=[Interval(sched.watch_interval_s)], parameters=args,
                                      description="Emit hemaflow.data.changed when data.dvc moves.",
                                      tags=["hemaflow"])
-    return [retrain, watch]
+    return [retrain_deployment, watch]

@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-# params blocks that do not change the trained model (where it is stored, how it is
+# params blocks that do not change the trained model (where it is stored or trained, how it is
 # scheduled or parallelised, where files go: the data itself is covered by its DVC md5)
-NOT_MODEL_PARAMS = ("promote", "schedule", "parallel", "paths")
+NOT_MODEL_PARAMS = ("promote", "schedule", "parallel", "paths", "train_job")
 
 
 def data_version(raw_dir: Path) -> dict[str, Any]:
