@@ -32,6 +32,10 @@ class PathParams(_Frozen):
     promotion_path: Path = Path("reports/promotion.json")
     # evaluate: an external labelled folder (any reader's layout) scored next to the test split
     test_data: Path | None = None
+    # train: start from a hemaflow model folder (warm start, e.g. `hemaflow pull` of production) ...
+    init_model: Path | None = None
+    # ... or load a keras.applications backbone's weights from a local file (transfer learning)
+    backbone_weights: Path | None = None
 
     def resolved(self, root: Path) -> "PathParams":
         """Same paths, made absolute against the project root."""
@@ -181,8 +185,11 @@ class CheckQualityParams(_Frozen):
 
 
 class TrainParams(_Frozen):
+    # the studies' models, small-image ResNets, and keras.applications backbones (hemaflow/backbones.py)
     architecture: Literal["small_cnn", "study_cnn", "mlp", "shallow_cnn", "lenet", "study_resnet",
-                          "resnet_small"] = "small_cnn"
+                          "resnet_small", "vgg16", "vgg19", "resnet50", "inception_v3", "xception",
+                          "densenet121", "densenet169", "densenet201", "efficientnet_b0",
+                          "mobilenet_v2"] = "small_cnn"
     image_size: int = Field(64, ge=16)
     epochs: int = Field(12, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -211,6 +218,11 @@ class TrainParams(_Frozen):
     dropout: float = Field(0.0, ge=0, lt=1)       # before the softmax (mlp, shallow_cnn, lenet, resnets)
     width: int = Field(32, ge=1)                  # resnet_small filters of the first stage (then 2x, 4x)
     depth: int = Field(2, ge=1)                   # resnet_small residual blocks per stage
+    # backbones with paths.backbone_weights: frozen base + new head first, then fine_tune_epochs
+    # with the whole network at fine_tune_learning_rate (also after a warm start, paths.init_model)
+    freeze_base: bool = True
+    fine_tune_epochs: int = Field(0, ge=0)
+    fine_tune_learning_rate: float = Field(1e-4, gt=0)
 
     @model_validator(mode="after")
     def _warmup_within_epochs(self):

@@ -197,6 +197,18 @@ MODEL_BUILDERS: dict[str, ModelBuilder] = {
 }
 
 
+def _backbone_builder(name: str) -> ModelBuilder:
+    def build(input_shape, n_classes, online_augmentation=False, weights_path=None, freeze_base=True):
+        from hemaflow.backbones import build_backbone
+        return build_backbone(name, input_shape, n_classes, online_augmentation, weights_path, freeze_base)
+    return build
+
+
+from hemaflow.backbones import BACKBONES  # noqa: E402  (keras.applications, chosen by name)
+
+MODEL_BUILDERS.update({name: _backbone_builder(name) for name in BACKBONES})
+
+
 def build_model(name: str, input_shape: tuple[int, int, int], n_classes: int,
                 online_augmentation: bool = False, **options) -> keras.Model:
     """Build the architecture registered under `name` (params.yaml train.architecture).

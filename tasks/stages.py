@@ -32,7 +32,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("split", ("crops_dir", "labels_dir"), ("split_path",), "Stratified, group-aware train/val/test split by source image and near-duplicate group."),
     StageSpec("augment", ("split_path", "crops_dir"), ("augmented_dir",), "Class-balancing augmentation of the train split."),
     StageSpec("check_quality", ("augmented_dir", "labels_dir"), ("quality_dir",), "Great Expectations gate on the clean table and the splits: schema, taxonomy, balance, leakage."),
-    StageSpec("train", ("augmented_dir",), ("model_dir",), "Train the Keras classifier."),
+    StageSpec("train", ("augmented_dir", "init_model", "backbone_weights"), ("model_dir",), "Train the Keras classifier (from scratch, a warm start or a backbone's weights)."),
     StageSpec("evaluate", ("model_dir", "augmented_dir", "test_data"), ("eval_dir",), "Score the model on the test split (and an external labelled folder): accuracy, AUC, calibration, confusion matrix, error gallery."),
     StageSpec("promote", ("model_dir", "eval_dir", "augmented_dir"), ("promotion_path",), "Store the model as a version; make it production if it beats production on the same test split (gate)."),
 )}
@@ -106,7 +106,8 @@ def _check_quality(p: Params, d: PathParams, progress):
 
 def _train(p: Params, d: PathParams, progress):
     from hemaflow.tasks.train import train_model
-    return train_model(d.augmented_dir, d.model_dir, p.train, p.base.classes, p.base.seed, progress)
+    return train_model(d.augmented_dir, d.model_dir, p.train, p.base.classes, p.base.seed, progress,
+                       init_model=d.init_model, backbone_weights=d.backbone_weights)
 
 
 def _evaluate(p: Params, d: PathParams, progress):

@@ -266,6 +266,10 @@ def _time_budget(max_minutes: float, spent_seconds: float = 0.0):
     return TimeBudget()
 
 
+def _model_file(folder: Path | None) -> Path | None:
+    return None if folder is None else Path(folder) / MODEL_FILE
+
+
 RESUME_SUFFIX = ".resume"   # <model_dir>.resume beside the model folder: survives its clearing
 
 
@@ -275,14 +279,16 @@ def resume_dir(model_dir: Path) -> Path:
     return model_dir.parent / f".{model_dir.name}{RESUME_SUFFIX}"
 
 
-def training_fingerprint(cfg: TrainParams, classes: tuple[str, ...], seed: int, dataset_path: Path) -> str:
-    """What makes two runs 'the same job': params, classes, seed, the dataset table's bytes."""
+def training_fingerprint(cfg: TrainParams, classes: tuple[str, ...], seed: int, dataset_path: Path,
+                         extra_inputs: dict[str, str] | None = None) -> str:
+    """What makes two runs 'the same job': params, classes, seed, the dataset table's bytes
+    (and the sha256 of a warm-start model or backbone weights file)."""
     import hashlib
 
     from hemaflow.model_folder import sha256_file
 
     blob = json.dumps({"params": cfg.model_dump(mode="json"), "classes": list(classes), "seed": seed,
-                       "dataset": sha256_file(dataset_path)}, sort_keys=True)
+                       "dataset": sha256_file(dataset_path), "inputs": extra_inputs or {}}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -343,9 +349,14 @@ def _epoch_log(path: Path):
 
 
 def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: tuple[str, ...], seed: int,
-                progress: Progress | None = None) -> TrainResult:
-    """Train cfg.architecture; write model.keras, labels.json, history.json,
-    training_curves.png and train_summary.json into model_dir."""
+                progress: Progress | None = None, init_model: Path | None = None,
+                backbone_weights: Path | None = None) -> TrainResult:
+    """Train cfg.architecture (or continue from the hemaflow model folder init_model, or a
+    backbone with its weights from a local file); write model.keras, labels.json,
+    history.json, training_curves.png and train_summary.json into model_dir.
+
+    A killed job resumes from its last epoch when run again with the same inputs (the
+    checkpoint lives beside model_dir, see resume_dir); the fine-tuning phase restarts."""
     dataset_dir, model_dir = Path(dataset_dir), Path(model_dir)
     dataset_path = dataset_dir / "dataset.parquet"
     df = read_dataset(dataset_path, classes)
@@ -360,12 +371,22 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     import keras
     import tensorflow as tf
 
-    from hemaflow.models import build_model
-
     prepare_output_dir(model_dir, dataset_dir)
-    backup, done_before = open_resume_dir(model_dir, training_fingerprint(cfg, classes, seed, dataset_path))
+    from hemaflow.errors import require_file
+    from hemaflow.model_folder import sha256_file
+
+    if backbone_weights is not None:
+        require_file(backbone_weights, "backbone weights file")
+    if init_model is not None:
+        require_file(Path(init_model) / MODEL_FILE, "warm-start model")
+    extra_inputs = {name: sha256_file(path) for name, path in (("init_model", _model_file(init_model)),
+                                                              ("backbone_weights", backbone_weights)) if path}
+    backup, done_before = open_resume_dir(model_dir, training_fingerprint(cfg, classes, seed, dataset_path,
+                                                                          extra_inputs))
     resumed_from = checkpoint_epoch(backup)
     done_before = [r for r in done_before if r["epoch"] <= resumed_from]
+    if not resumed_from:
+        (backup / "epochs.jsonl").unlink(missing_ok=True)
     keras.utils.set_random_seed(seed)
     index = {c: i for i, c in enumerate(classes)}
     replicas = strategy.num_replicas_in_sync
@@ -397,10 +418,7 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
         previous_policy = keras.config.dtype_policy()
         keras.config.set_dtype_policy(cfg.precision)
         try:
-            model = build_model(cfg.architecture, (cfg.image_size, cfg.image_size, 3), len(classes),
-                                online_augmentation=cfg.augmentation_layers, units=cfg.units, kernels=cfg.kernels,
-                                kernel_size=cfg.kernel_size, dropout=cfg.dropout, width=cfg.width,
-                                depth=cfg.depth)
+            model, warm = _initial_model(cfg, classes, seed, init_model, backbone_weights)
         finally:
             keras.config.set_dtype_policy(previous_policy)
         model.compile(optimizer=build_optimizer(cfg, steps_per_epoch),
@@ -425,6 +443,11 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
         if bad:
             raise StageInputError(bad[0], f"image listed in {dataset_path.name} cannot be decoded: {bad[1]}") from None
         raise
+    phase2_from = None
+    if cfg.fine_tune_epochs and not (budget and budget.stopped_epoch):
+        phase2_from = len(read_epoch_log(backup / "epochs.jsonl"))
+        _fine_tune(model, strategy, cfg, train_ds, val_ds, class_weight, phase2_from, monitor,
+                   [_epoch_log(backup / "epochs.jsonl"), timer])
     seconds = time.perf_counter() - t0
 
     log = read_epoch_log(backup / "epochs.jsonl")
@@ -433,7 +456,7 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     history["epoch_seconds"] = [r["seconds"] for r in log]
     epochs_run = len(log)
     # the kept weights are the best of this run's epochs (a resumed job restarts early stopping)
-    first = resumed_from if resumed_from < epochs_run else 0
+    first = phase2_from if phase2_from is not None else (resumed_from if resumed_from < epochs_run else 0)
     best_epoch = first + int(np.argmin(history[monitor][first:])) + 1
     if progress and epochs_run < cfg.epochs:
         progress(cfg.epochs, cfg.epochs)  # stopped early: training is complete
@@ -462,6 +485,11 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
         "class_weight": {classes[i]: round(w, 4) for i, w in class_weight.items()} if class_weight else None,
         "stopped_by_time_budget": bool(budget and budget.stopped_epoch),
         "resumed_from_epoch": resumed_from,
+        "warm_start": ({**warm, "init_model": str(init_model), "init_model_sha256": extra_inputs["init_model"]}
+                       if init_model else None),
+        "backbone_weights": ({"path": str(backbone_weights), "sha256": extra_inputs["backbone_weights"],
+                              "frozen_first": cfg.freeze_base} if backbone_weights else None),
+        "fine_tune_from_epoch": phase2_from,
         "seconds": round(seconds, 3), "images_per_second": round(result.images_per_second, 1),
         "images_per_second_steady": round(per_epoch / float(np.median(steady)), 1),
         "model_parameters": int(model.count_params()),
@@ -470,6 +498,61 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     (model_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     shutil.rmtree(backup, ignore_errors=True)  # the job is complete: nothing to resume
     return result
+
+
+def _initial_model(cfg: TrainParams, classes: tuple[str, ...], seed: int, init_model: Path | None,
+                   backbone_weights: Path | None):
+    """The network before training: built from params, or continued from a hemaflow model."""
+    from hemaflow.config import ConfigError
+    from hemaflow.models import build_model
+
+    shape = (cfg.image_size, cfg.image_size, 3)
+    if init_model is not None:
+        import keras
+
+        from hemaflow.model_folder import open_model_folder
+        from hemaflow.warm_start import warm_start_model
+
+        source = open_model_folder(init_model)  # sha256-checked against its card when pulled
+        try:
+            loaded = keras.models.load_model(source.model_path, compile=False, safe_mode=True)
+        except Exception as exc:
+            raise StageInputError(source.model_path, f"cannot be loaded as a Keras model: {exc}") from exc
+        try:
+            return warm_start_model(loaded, source.classes, classes, shape, seed)
+        except ValueError as exc:
+            raise StageInputError(source.model_path, str(exc)) from None
+    try:
+        model = build_model(cfg.architecture, shape, len(classes), online_augmentation=cfg.augmentation_layers,
+                            units=cfg.units, kernels=cfg.kernels, kernel_size=cfg.kernel_size, dropout=cfg.dropout,
+                            width=cfg.width, depth=cfg.depth, weights_path=backbone_weights,
+                            freeze_base=cfg.freeze_base)
+    except FileNotFoundError as exc:
+        raise StageInputError(backbone_weights, "backbone weights file not found") from exc
+    except ValueError as exc:
+        if backbone_weights is not None and str(backbone_weights) in str(exc):
+            raise StageInputError(backbone_weights, str(exc).split(": ", 1)[-1]) from None
+        raise ConfigError(f"train: {exc}") from None
+    return model, None
+
+
+def _fine_tune(model, strategy, cfg: TrainParams, train_ds, val_ds, class_weight, start_epoch: int, monitor: str,
+               callbacks: list) -> None:
+    """Second phase: the whole network (a frozen base unfrozen) at fine_tune_learning_rate."""
+    import keras
+
+    from hemaflow.backbones import unfreeze_base
+
+    with strategy.scope():
+        unfreeze_base(model)
+        optimizer = (keras.optimizers.AdamW(cfg.fine_tune_learning_rate, weight_decay=cfg.weight_decay)
+                     if cfg.optimizer == "adamw" else keras.optimizers.Adam(cfg.fine_tune_learning_rate))
+        model.compile(optimizer=optimizer,
+                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True)
+    model.fit(train_ds, validation_data=val_ds, initial_epoch=start_epoch, epochs=start_epoch + cfg.fine_tune_epochs,
+              callbacks=callbacks + [stopper], shuffle=False, verbose=0, class_weight=class_weight)
 
 
 def plot_training_curves(history: dict[str, list[float]], best_epoch: int, png_path: Path, title: str = "") -> None:
