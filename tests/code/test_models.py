@@ -49,8 +49,9 @@ def test_study_cnn_rejects_images_too_small_for_its_four_poolings():
 
 
 def test_unknown_architecture_names_the_choices():
-    with pytest.raises(ValueError, match="unknown architecture 'resnet9000'; choose one of: lenet, mlp, resnet_small, "
-                                         "shallow_cnn, small_cnn, study_cnn, study_resnet"):
+    with pytest.raises(ValueError, match="unknown architecture 'resnet9000'; choose one of: densenet121, .*lenet, mlp, "
+                                         "mobilenet_v2, resnet50, resnet_small, shallow_cnn, small_cnn, study_cnn, "
+                                         "study_resnet, vgg16, vgg19, xception"):
         build_model("resnet9000", (64, 64, 3), 5)
 
 
