@@ -62,9 +62,16 @@ class PromotionResult:
     code: dict[str, Any] | None = None
     ledger_id: str | None = None
 
-    def summary(self) -> dict[str, Any]:
-        """The record written to promotion.json."""
+    def record(self) -> dict[str, Any]:
+        """The record written to promotion.json (every field)."""
         return asdict(self)
+
+    def summary(self) -> dict[str, Any]:
+        """The short form: the CLI's lines, the flow's table artifact and log line."""
+        return {"outcome": self.outcome, "version": self._tag(self.version), "published": self.published,
+                "production": f"{self._tag(self.previous_production)} -> {self._tag(self.production_version)}",
+                "reason": self.reason, "sha256": self.sha256, "store": self.store_url,
+                "checks": "; ".join(self.reasons) or "-"}
 
     @property
     def markdown(self) -> str:
@@ -148,7 +155,7 @@ def write_promotion(promotion_path: Path, result: PromotionResult) -> None:
     promotion_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=promotion_path.parent, prefix=f".{promotion_path.name}.")
     with os.fdopen(fd, "w") as fh:
-        json.dump(result.summary(), fh, indent=2, sort_keys=True)
+        json.dump(result.record(), fh, indent=2, sort_keys=True)
         fh.write("\n")
     os.replace(tmp, promotion_path)
 

@@ -95,7 +95,8 @@ def test_good_first_model_becomes_production_and_rerun_is_a_noop(store_url, good
     assert first.production_version == 1 and first.previous_production is None
     assert "first model (absolute thresholds)" in first.reason and "production unset -> v0001" in first.reason
     record = json.loads(pp.read_text())
-    assert record == json.loads(json.dumps(first.summary()))
+    assert record == json.loads(json.dumps(first.record()))
+    assert first.summary()["production"] == "none -> v0001"
     assert all(r.startswith("PASS") for r in record["reasons"]) and len(record["reasons"]) == 3
 
     store = open_store(store_url)
