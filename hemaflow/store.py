@@ -549,10 +549,11 @@ class S3Store(ModelStore):
         session = boto3.session.Session()  # the standard credential chain; nothing stored here
         # standard mode retries throttling, 5xx and connection errors with exponential backoff
         # and jitter; 4xx such as AccessDenied / NoSuchBucket are not retried (they fail at once)
+        self._max_attempts = max_attempts or S3_MAX_ATTEMPTS
         self._client = session.client(
             "s3", region_name=session.region_name or "us-east-1",
             config=Config(connect_timeout=10, read_timeout=60,
-                          retries={"mode": "standard", "max_attempts": max_attempts or S3_MAX_ATTEMPTS}))
+                          retries={"mode": "standard", "total_max_attempts": self._max_attempts}))
 
     # keys and uris
     def _key(self, *parts: str) -> str:
@@ -566,20 +567,26 @@ class S3Store(ModelStore):
 
     # error translation: every failure names the key and says what to do
     def _error(self, exc: Exception, key: str | None) -> StoreError:
-        from botocore.exceptions import (ClientError, EndpointConnectionError,
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import (ClientError, ConnectionError, EndpointConnectionError, HTTPClientError,
                                          NoCredentialsError, PartialCredentialsError)
 
+        if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, Exception):
+            exc = exc.__context__  # s3transfer wraps the ClientError / connection error
         where = self._uri(key) if key else self.url
+        attempts = self._max_attempts
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             return StoreError(where, "AWS credentials missing: set AWS_ACCESS_KEY_ID and "
                                      "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
         if isinstance(exc, EndpointConnectionError):
             return StoreError(where, f"cannot reach the S3 endpoint: {exc}")
+        if isinstance(exc, (ConnectionError, HTTPClientError)):  # resets, closed, timeouts: retried already
+            return StoreError(where, f"connection to the S3 endpoint kept failing ({type(exc).__name__}) after "
+                                     f"{attempts} attempts with backoff; try again later")
         if isinstance(exc, ClientError) and str(exc.response.get("ResponseMetadata", {}).get(
                 "HTTPStatusCode", "")).startswith("5"):
             code = str(exc.response.get("Error", {}).get("Code", "")) or "5xx"
-            return StoreError(where, f"S3 server error {code}, still failing after "
-                                     f"{self._client.meta.config.retries.get('max_attempts')} attempts with "
+            return StoreError(where, f"S3 server error {code}, still failing after {attempts} attempts with "
                                      "backoff; try again later")
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))

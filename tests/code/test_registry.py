@@ -153,7 +153,8 @@ def test_connection_dropped_on_every_model_upload_never_lists(s3_server, proxy, 
     publish_n(store, tmp_path, 1)
     store.set_production(NAME, 1, expected=None)
     proxy.fail("PUT", "/v0002/model.keras", times=None, action="reset")
-    with pytest.raises(StoreError, match=r"v0002/model.keras"):
+    with pytest.raises(StoreError, match=r"v0002/model.keras: connection to the S3 endpoint kept failing "
+                                         r"\(.*\) after 3 attempts with backoff"):
         store.publish(NAME, make_files(tmp_path / "b", b"never-arrives"), {})
     resets = [s for s in proxy.seen if s[2] == "reset"]
     assert 3 <= len(resets) <= 6  # retried with backoff (botocore, plus s3transfer's own try), then given up
@@ -180,13 +181,22 @@ def test_transient_errors_are_retried_with_backoff(s3_server, proxy, tmp_path):
     assert (store.pull(NAME, "production", tmp_path / "p") / "model.keras").read_bytes() == b"flaky"
 
 
-def test_permanent_errors_fail_at_once_with_a_clear_message(s3_server, proxy):
+def test_permanent_errors_fail_at_once_with_a_clear_message(s3_server, proxy, tmp_path):
     bucket = s3_server.new_bucket("denied")
     store = S3Store(bucket, "models", max_attempts=5)
     proxy.fail("GET", "/production.json", times=None, status=403)
     with pytest.raises(StoreError, match=r"production.json: access denied \(AccessDenied\)"):
         store.production(NAME)
     assert [o for *_, o in proxy.seen] == ["403"]  # not retried
+    proxy.fail("PUT", "/v0001/model.keras", times=None, status=403)
+    proxy.seen.clear()
+    with pytest.raises(StoreError, match=r"v0001/model.keras: access denied \(AccessDenied\)"):
+        store.publish(NAME, make_files(tmp_path / "a", b"m"), {})
+    assert [o for m, p, o in proxy.seen if p.endswith("model.keras")] == ["403"]
+    proxy.fail("PUT", "/v0002/card.json", times=None, status=503)
+    with pytest.raises(StoreError, match=r"card.json: S3 server error SlowDown, still failing after 5 attempts"):
+        store.publish(NAME, make_files(tmp_path / "b", b"m2"), {})
+    assert [(m, o) for m, p, o in proxy.seen if p.endswith("card.json")] == [("PUT", "503")] * 5, proxy.seen
     proxy.clear()
     proxy.seen.clear()
     missing = S3Store("no-such-bucket-hemaflow-x", "models", max_attempts=5)
