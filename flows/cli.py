@@ -174,6 +174,32 @@ def classify(images: tuple[Path, ...], model: str, store_url: str | None, model_
         click.echo(f"{k}: {v}")
 
 
+@app.command()
+@params_option
+@click.option("--write-back", is_flag=True, help="Write the best grid point into the params file's train block.")
+@_fail_cleanly
+def search(params_path: Path, write_back: bool) -> None:
+    """Grid search over train params (params `search.grid`), scored on the validation split.
+
+    Needs the augmented dataset (run the stages up to augment first). Prints the comparison
+    table; the same table is a Prefect markdown artifact.
+    """
+    from hemaflow.flows.search import run_search
+    from hemaflow.tasks.search import grid_points
+
+    try:
+        grid_points(load_params(params_path).search.grid)
+    except ValueError as exc:
+        raise click.ClickException(f"{params_path}: {exc}") from exc
+    _quiet_user_errors_in_logs()
+    best = run_search(params_path, write_back)
+    p = load_params(params_path)
+    click.echo((params_path.resolve().parent / p.search.out_dir / "results.md").read_text())
+    click.echo(f"best: {best['trial']} ({best['metric']} {best['value']:.4f})"
+               + (f"; written back into {params_path}" if write_back else
+                  f"; see {params_path.resolve().parent / p.search.out_dir / 'best_params.yaml'}"))
+
+
 @app.command("data-status")
 @params_option
 @_fail_cleanly

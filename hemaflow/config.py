@@ -248,6 +248,13 @@ class PromoteParams(_Frozen):
     min_test_size: int = Field(25, ge=1)                    # test images needed to decide anything
 
 
+class SearchParams(_Frozen):
+    """`hemaflow search`: a grid over train params, each point scored on the validation split."""
+    grid: dict[str, list] = Field(default_factory=lambda: {"learning_rate": [0.001, 0.003], "batch_size": [16, 32]})
+    metric: Literal["balanced_accuracy", "accuracy", "macro_f1", "log_loss"] = "balanced_accuracy"
+    out_dir: Path = Path("reports/search")      # relative to the params file's folder
+
+
 class ScheduleParams(_Frozen):
     """Retraining: on a cron, and whenever the versioned raw data (data.dvc) changes."""
     cron: str = "0 3 * * 1"           # every Monday 03:00
@@ -279,6 +286,7 @@ class Params(_Frozen):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()
+    search: SearchParams = SearchParams()
     schedule: ScheduleParams = ScheduleParams()
     train_job: TrainJobParams = TrainJobParams()
 
