@@ -183,7 +183,8 @@ class ModelStore(ABC):
 
     @abstractmethod
     def _claimed_versions(self, name: str) -> list[int]:
-        """Version numbers whose card exists, ascending."""
+        """Version numbers taken, ascending (local: complete ones; S3: every claimed prefix,
+        complete or not, so a number is never reused)."""
 
     @abstractmethod
     def _read_card(self, name: str, version: int) -> dict[str, Any] | None: ...
