@@ -205,7 +205,10 @@ class TrainParams(_Frozen):
     weight_decay: float = Field(0.0, ge=0)        # decoupled weight decay (any optimizer; adamw's reason to exist)
     momentum: float = Field(0.9, ge=0, lt=1)       # sgd only (Nesterov)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to 0 at the last planned epoch
+    # cosine: decays to 0 at the last planned epoch; cosine_time: decays to 0 when max_minutes of
+    # training time are spent (epochs is then an upper bound): the same recipe anneals fully on a
+    # fast or a busy machine instead of being cut off half-way by the time budget
+    lr_schedule: Literal["constant", "cosine", "cosine_time"] = "constant"
     warmup_epochs: float = Field(0, ge=0)         # linear warm-up from 0 to learning_rate
     class_weight: Literal["none", "balanced"] = "none"  # balanced: n / (classes x count) per class
     # mixed_bfloat16: bf16 maths, float32 weights and softmax (~1.7x faster on CPUs with AMX/AVX512-BF16)
@@ -223,6 +226,12 @@ class TrainParams(_Frozen):
     freeze_base: bool = True
     fine_tune_epochs: int = Field(0, ge=0)
     fine_tune_learning_rate: float = Field(1e-4, gt=0)
+
+    @model_validator(mode="after")
+    def _time_schedule_needs_budget(self):
+        if self.lr_schedule == "cosine_time" and not self.max_minutes:
+            raise ValueError("lr_schedule cosine_time needs max_minutes (the time the cosine spans)")
+        return self
 
     @model_validator(mode="after")
     def _warmup_within_epochs(self):

@@ -149,7 +149,9 @@ def build_optimizer(cfg: TrainParams, steps_per_epoch: int):
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     lr = cfg.learning_rate
-    if cfg.lr_schedule == "cosine" or warmup:
+    if cfg.lr_schedule == "cosine_time":
+        lr = cfg.learning_rate  # a plain variable: _time_cosine sets it before every step
+    elif cfg.lr_schedule == "cosine" or warmup:
         # CosineDecay with alpha=1 stays at the peak: a constant rate after the warm-up
         lr = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=0.0 if warmup else cfg.learning_rate, decay_steps=max(1, total - warmup),
@@ -239,6 +241,38 @@ def _epoch_timer():
             self.seconds.append(time.perf_counter() - self._t0)
 
     return EpochTimer()
+
+
+def _time_cosine(cfg: TrainParams, steps_per_epoch: int, spent_seconds: float = 0.0, start_step: int = 0):
+    """lr_schedule cosine_time: linear warm-up over warmup_epochs (in steps), then cosine decay
+    over the wall-clock budget: lr = peak * (1 + cos(pi * spent / budget)) / 2."""
+    import math
+
+    import keras
+
+    budget = 60.0 * cfg.max_minutes
+    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+
+    class TimeCosine(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self._t0 = time.perf_counter()
+            self._step = start_step
+            self._warm_end_s: float | None = None
+
+        def on_train_batch_begin(self, batch, logs=None):
+            now = spent_seconds + time.perf_counter() - self._t0
+            if self._step < warmup_steps:
+                lr = cfg.learning_rate * (self._step + 1) / warmup_steps
+            else:
+                if self._warm_end_s is None:
+                    self._warm_end_s = now if warmup_steps and self._step == warmup_steps else 0.0
+                span = max(1.0, budget - self._warm_end_s)
+                frac = min(1.0, max(0.0, (now - self._warm_end_s) / span))
+                lr = cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * frac))
+            self.model.optimizer.learning_rate.assign(lr)
+            self._step += 1
+
+    return TimeCosine()
 
 
 def _time_budget(max_minutes: float, spent_seconds: float = 0.0):
@@ -339,6 +373,10 @@ def _epoch_log(path: Path):
         def on_epoch_end(self, epoch, logs=None):
             row = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self._t0, 4),
                    **{k: float(v) for k, v in (logs or {}).items()}}
+            try:  # the rate at the end of the epoch (a schedule is evaluated at the current step)
+                row["learning_rate"] = float(np.asarray(self.model.optimizer.learning_rate))
+            except (AttributeError, TypeError, ValueError):
+                pass
             with open(path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
@@ -434,6 +472,8 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     restore = keras.callbacks.BackupAndRestore(str(backup / "checkpoint"), save_freq="epoch", double_checkpoint=True)
     callbacks = [_epoch_log(backup / "epochs.jsonl"), restore, stopper, timer] + ([budget] if budget else []) + (
         [_progress_callback(progress, cfg.epochs)] if progress else [])
+    if cfg.lr_schedule == "cosine_time":
+        callbacks.append(_time_cosine(cfg, steps_per_epoch, spent_before, resumed_from * steps_per_epoch))
     t0 = time.perf_counter()
     try:
         fit = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks,
@@ -451,7 +491,7 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     seconds = time.perf_counter() - t0
 
     log = read_epoch_log(backup / "epochs.jsonl")
-    keys = [k for k in fit.history] or [k for k in log[0] if k not in ("epoch", "seconds")]
+    keys = list(dict.fromkeys([*fit.history, *(k for r in log for k in r if k not in ("epoch", "seconds"))]))
     history = {k: [float(r.get(k, float("nan"))) for r in log] for k in keys}
     history["epoch_seconds"] = [r["seconds"] for r in log]
     epochs_run = len(log)

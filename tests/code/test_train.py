@@ -300,3 +300,23 @@ def test_time_budget_stops_after_the_epoch_that_passes_it(small_data, tmp_path):
     result = train_model(small_data, tmp_path / "model", cfg, CLASSES, SEED)
     summary = json.loads((tmp_path / "model" / "train_summary.json").read_text())
     assert result.epochs_run == 1 and summary["stopped_by_time_budget"]
+
+
+def test_time_cosine_anneals_within_the_budget(tmp_path):
+    """lr_schedule cosine_time: the rate falls over the wall-clock budget, however many epochs fit."""
+    import pytest as _pytest
+
+    from hemaflow.config import TrainParams as _TP
+    from hemaflow.tasks.train import train_model as _train
+    from tests.code.synthetic_wbc import CLASSES as _C, write_dataset as _write
+
+    with _pytest.raises(ValueError, match="cosine_time needs max_minutes"):
+        _TP(lr_schedule="cosine_time")
+    _write(tmp_path / "data", per_split={"train": 8, "val": 2, "test": 1}, size=32)
+    cfg = _TP(image_size=28, epochs=500, batch_size=8, learning_rate=0.01, lr_schedule="cosine_time",
+              max_minutes=0.25, patience=500, warmup_epochs=1)
+    result = _train(tmp_path / "data", tmp_path / "model", cfg, _C, seed=0)
+    history = json.loads((tmp_path / "model" / "history.json").read_text())
+    lr = history["learning_rate"]
+    assert result.epochs_run < 500 and sum(history["epoch_seconds"]) <= 0.25 * 60 + 5
+    assert max(lr) <= 0.01 + 1e-9 and lr[-1] < 0.25 * max(lr)   # annealed by the end of the budget
