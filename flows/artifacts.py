@@ -170,7 +170,7 @@ def promotion_markdown(record: dict, promotion_path: Path) -> tuple[str, dict[st
     """The decision as markdown, and the browser links it names (model card, model version)."""
     version = record.get("version")
     verdict = "promoted" if record.get("promoted") else "not promoted"
-    lines = [f"# Promotion decision: {verdict}" + (f" (v{version:04d})" if isinstance(version, int) else ""), "",
+    lines = [f"# Promotion decision: {verdict}" + (f", candidate v{version:04d}" if isinstance(version, int) else ""), "",
              str(record.get("reason", "")), ""]
     metrics = record.get("metrics") or {}
     if metrics:

@@ -192,6 +192,17 @@ def train_job(transfer_url: str, params: dict, stages: list[str] = list(JOB_STAG
 # The submitting side (runs in the training flow)
 # ---------------------------------------------------------------------------------------
 
+def _cancel(flow_run_id, message: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run_id, Cancelling(message=message), force=True)
+    except Exception as exc:  # the error that follows matters more than this one
+        get_run_logger().warning("could not cancel training job %s: %s", flow_run_id, exc)
+
+
 def submit_training(params: Params, root: Path, stages: tuple[str, ...] = JOB_STAGES) -> dict:
     """Push the inputs, run the job deployment on its work pool, wait, pull model and evaluation.
 
@@ -228,9 +239,12 @@ def submit_training(params: Params, root: Path, stages: tuple[str, ...] = JOB_ST
                          timeout=cfg.timeout_s, job_variables=cfg.job_variables or None,
                          flow_run_name=f"train-job-{run_key[:8]}", tags=["hemaflow", "train-job"])
     state = run.state
+    if state is not None and not state.is_final():  # timed out: do not leave it to train unobserved
+        _cancel(run.id, f"hemaflow: no result within train_job.timeout_s={cfg.timeout_s:.0f} s")
     if state is None or not state.is_completed():
         name = state.name if state else "unknown"
-        hint = " (still not finished: is a worker polling the pool?)" if state and not state.is_final() else ""
+        hint = (f" after {cfg.timeout_s:.0f} s, cancelled (is a worker polling the pool?)"
+                if state and not state.is_final() else "")
         raise TrainJobError(f"training job {run.name} ({run.id}) on {cfg.deployment} ended {name}{hint}: "
                             f"{state.message if state else ''}")
     text = read_text(join(where, "outputs", RESULT_FILE))

@@ -51,7 +51,8 @@ def _run_or_skip(name: str, params_path: str, force: bool, use_dvc: bool, batche
     if use_dvc and not force and dvc_state.is_up_to_date(root, name):
         logger.info("%s: up to date in dvc.lock, skipped", name)
         publish_summary(name, {"status": "up to date (dvc.lock): skipped"})
-        _publish_outputs(name, params_file)
+        if not batched:  # a batched stage is a subflow: the parent publishes (see _run)
+            _publish_outputs(name, params_file)
         return {"stage": name, "ran": False}
     result = run_stage(name, load_params(params_file), root, progress=stage_progress(name),
                        batch_runner=prefect_batch_runner(name) if batched else None)
@@ -59,7 +60,8 @@ def _run_or_skip(name: str, params_path: str, force: bool, use_dvc: bool, batche
         dvc_state.record_run(root, name)
     summary = result.summary()
     publish_summary(name, summary, getattr(result, "markdown", None))
-    _publish_outputs(name, params_file)
+    if not batched:
+        _publish_outputs(name, params_file)
     logger.info("%s: %s", name, summary)
     return {"stage": name, "ran": True}
 
@@ -121,7 +123,9 @@ def run_batched_stage(name: str, params_path: str, force: bool = False, use_dvc:
 
 def _run(name: str, params_path: str, force: bool, use_dvc: bool, cluster: FlowCluster | None = None) -> dict:
     if name in STAGE_FLOWS:
-        return run_batched_stage(name, params_path, force, use_dvc, cluster)
+        outcome = run_batched_stage(name, params_path, force, use_dvc, cluster)
+        _publish_outputs(name, Path(params_path))  # on the training run's page, not only the subflow's
+        return outcome
     return STAGE_TASKS[name](params_path, force, use_dvc)
 
 

@@ -107,3 +107,29 @@ def test_stage_pictures_markdown_embeds_every_png_downscaled(tmp_path):
     sizes = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).size for u in uris]
     assert sizes[0] == (300, 200) and sizes[-1] == (MAX_SIDE_PX, 200)
     assert stage_pictures("ingest", paths) == []
+
+
+def test_a_job_not_picked_up_in_time_is_cancelled_and_fails_the_submitter(tmp_path, monkeypatch, prefect_harness):
+    import prefect.deployments
+    from prefect import flow
+    from prefect.states import Scheduled
+
+    import hemaflow.flows.gpu_job as gpu_job
+    from hemaflow.config import Params
+
+    (tmp_path / "data" / "augmented").mkdir(parents=True)
+    (tmp_path / "data" / "augmented" / "dataset.parquet").write_bytes(b"x")
+    cancelled = []
+    monkeypatch.setattr(prefect.deployments, "run_deployment", lambda name, parameters, **kw: SimpleNamespace(
+        name="late-gpu", id="5678", state=Scheduled(), work_pool_name="hemaflow-gpu-k8s"))
+    monkeypatch.setattr(gpu_job, "_cancel", lambda run_id, message: cancelled.append((run_id, message)))
+    params = Params().model_copy(update={"train_job": Params().train_job.model_copy(
+        update={"mode": "work_pool", "transfer_url": str(tmp_path / "shared"), "timeout_s": 30})})
+
+    @flow
+    def submitter():
+        return gpu_job.submit_training(params, tmp_path)
+
+    with pytest.raises(gpu_job.TrainJobError, match=r"late-gpu .* ended Scheduled after 30 s, cancelled"):
+        submitter()
+    assert cancelled and cancelled[0][0] == "5678"

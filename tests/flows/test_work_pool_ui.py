@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -129,9 +130,14 @@ def test_work_pools_from_templates_and_prefect_deploy_all(team):
     assert runs and all(r["state"]["type"] == "SCHEDULED" for r in runs)
 
 
-def _flow_runs(server: PrefectServer, flow_name: str) -> list[dict]:
+def _flow_runs(server: PrefectServer, flow_name: str, **flow_run_filter) -> list[dict]:
     return _post(server, "/flow_runs/filter", {"flows": {"name": {"any_": [flow_name]}}, "sort": "START_TIME_DESC",
-                                               "limit": 10})
+                                               "flow_runs": flow_run_filter, "limit": 10})
+
+
+def _cli_runs(server: PrefectServer) -> list[dict]:
+    """The `hemaflow run` flow runs, newest first (not the retrain deployment's scheduled ones)."""
+    return _flow_runs(server, "hemaflow-training", deployment_id={"is_null_": True})
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +173,7 @@ def test_flow_submits_training_to_the_work_pool_and_gets_the_model_back(trained)
     job = jobs[0]
     assert job["state"]["type"] == "COMPLETED" and job["work_pool_name"] == "hemaflow-gpu-process"
     assert job["parent_task_run_id"], "the job run hangs under the flow's train-job task"
-    main = _flow_runs(server, "hemaflow-training")[0]
+    main = _cli_runs(server)[0]
     assert main["state"]["type"] == "COMPLETED"
     # the model and the evaluation came back; DVC recorded both stages
     assert (root / "models/candidate/model.keras").is_file()
@@ -202,7 +208,7 @@ def _artifacts(server: PrefectServer, flow_run_id: str) -> dict[str, dict]:
 
 def test_artifacts_carry_pictures_and_the_promotion_decision(trained):
     server = trained["server"]
-    main = [r for r in _flow_runs(server, "hemaflow-training") if r["state"]["type"] == "COMPLETED"][-1]
+    main = _cli_runs(server)[-1]  # the run that trained on the pool (a second one skipped every stage)
     arts = _artifacts(server, main["id"])
     for key in ("segment-pictures", "augment-pictures", "train-pictures", "evaluate-pictures"):
         assert arts[key]["type"] == "markdown" and "](data:image/" in arts[key]["data"], key
@@ -210,8 +216,8 @@ def test_artifacts_carry_pictures_and_the_promotion_decision(trained):
     assert "Training curves" in arts["train-pictures"]["data"]
     assert "ran on" in arts["train-summary"]["data"] and "hemaflow-gpu-process" in arts["train-summary"]["data"]
     assert "Promotion decision" in arts["promotion-decision"]["data"]
-    link = arts["model-card"]["data"]
-    assert link.startswith(trained["s3"].endpoint_url) and "Signature" in link
+    link = re.fullmatch(r"\[model card\]\((.+)\)", arts["model-card"]["data"]).group(1)  # a link artifact's data
+    assert link.startswith(trained["s3"].endpoint_url) and "Signature" in link and "model_card.md" in link
     import urllib.request
     with urllib.request.urlopen(link, timeout=10) as res:  # the presigned link opens without credentials
         assert res.status == 200 and res.read()
@@ -252,7 +258,7 @@ RENDERED_IMAGES = "return Array.from(document.images).filter(i => i.complete && 
 
 def test_ui_artifacts_tab_and_pictures_render_in_chromium(trained):
     server = trained["server"]
-    main = [r for r in _flow_runs(server, "hemaflow-training") if r["state"]["type"] == "COMPLETED"][-1]
+    main = _cli_runs(server)[-1]  # the run that trained on the pool (a second one skipped every stage)
     arts = _artifacts(server, main["id"])
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     driver = _browser()
