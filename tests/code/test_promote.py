@@ -257,3 +257,33 @@ def test_empty_model_and_bad_labels_are_rejected(good, dataset, tmp_path):
     (model_dir / "model.keras").write_bytes(b"")
     with pytest.raises(StageInputError, match=r"model.keras: model file is empty"):
         run_promote(model_dir, eval_dir, tmp_path / "p.json", cfg_for(str(tmp_path / "r")), dataset)
+
+
+def test_upload_dropped_mid_promotion_leaves_production_and_versions_alone(s3_server, monkeypatch, good, dataset,
+                                                                           good_weights, tmp_path):
+    """A real proxy in front of moto resets every upload of the new model.keras: the promote run
+    fails with a clear message, nothing new lists as a version, production stays."""
+    from hemaflow.store import StoreError
+    from tests.fixtures.faulty_s3 import FaultyProxy
+
+    url = f"s3://{s3_server.new_bucket('midway')}/models"
+    assert run_promote(*good, tmp_path / "p1.json", cfg_for(url), dataset).promoted
+    proxy = FaultyProxy(s3_server.endpoint_url).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setenv("HEMAFLOW_S3_MAX_ATTEMPTS", "2")
+        import hemaflow.store as store_mod
+        monkeypatch.setattr(store_mod, "S3_MAX_ATTEMPTS", 2)
+        proxy.fail("PUT", "/v0002/model.keras", times=None, action="reset")
+        better = save_model(tmp_path / "better", good_weights, noise=1e-4)
+        with pytest.raises(StoreError, match=r"v0002/model.keras: connection to the S3 endpoint kept failing"):
+            run_promote(better, evaluate(better, dataset, tmp_path / "better-eval"), tmp_path / "p2.json",
+                        cfg_for(url, min_class_recall=0.0), dataset)
+    finally:
+        proxy.stop()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    store = open_store(url)
+    assert [v.version for v in store.list_versions("wbc")] == [1]
+    assert store.production("wbc").version == 1 and store.latest("wbc").version == 1
+    assert [e["outcome"] for e in store.ledger("wbc")] == ["promoted"]
+    assert not (tmp_path / "p2.json").exists()
