@@ -34,7 +34,9 @@ from hemaflow.tasks.stages import run_stage, stage_paths
 JOB_FLOW = "hemaflow-train-job"
 JOB_STAGES = ("train", "evaluate")
 RESULT_FILE = "result.json"
-JOB_PARAM_BLOCKS = ("base", "train", "evaluate")  # what run_stage("train"/"evaluate") reads besides paths
+# what run_stage("train"/"evaluate") reads besides paths (evaluate reads an external test_data
+# folder with the ingest, validate_labels and segment settings)
+JOB_PARAM_BLOCKS = ("base", "ingest", "validate_labels", "segment", "train", "evaluate")
 # optional inputs of train/evaluate besides the augmented dataset (params paths; a file or a
 # folder), sent along when set: a model to continue from, local backbone weights, a test set
 EXTRA_INPUTS = ("init_model", "backbone_weights", "test_data")

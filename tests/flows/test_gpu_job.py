@@ -72,7 +72,7 @@ def test_a_failed_job_fails_the_submitter_naming_run_and_state(tmp_path, monkeyp
     with pytest.raises(TrainJobError, match=r"bold-gpu .*hemaflow-train-job/gpu ended Failed: CUDA out of memory"):
         submitter()
     assert calls["name"] == "hemaflow-train-job/gpu" and calls["job_variables"] == {"gpu_limit": 2}
-    assert set(calls["parameters"]["params"]) == {"base", "train", "evaluate"}
+    assert set(calls["parameters"]["params"]) == {"base", "ingest", "validate_labels", "segment", "train", "evaluate"}
     assert calls["parameters"]["transfer_url"].startswith(str(tmp_path / "shared"))
     assert (Path(calls["parameters"]["transfer_url"]) / "inputs/augmented/dataset.parquet").is_file()
 
