@@ -19,7 +19,8 @@ BIN = Path(sys.executable).parent
 # had not settled, and the restored best epoch was near chance.
 SMALL = {"augment": {"target_per_class": 24}, "train": {"epochs": 4, "image_size": 32, "batch_size": 8},
          "check_quality": {"min_per_class": 1, "max_imbalance_ratio": 5.0, "max_kl_divergence": 1.0},
-         "promote": {"min_balanced_accuracy": 0.0},
+         # a few test images: the gate's size and recall floors are for real test sets
+         "promote": {"min_balanced_accuracy": 0.0, "min_class_recall": 0.0, "min_test_size": 1},
          # fixed batch sizes: sized by work, 40 small fields are one in-process batch, and these
          # tests check that the flow sends segment and augment batches to Dask
          "parallel": {"batch_size": 10, "augment_batch_size": 40}}
