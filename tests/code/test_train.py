@@ -320,3 +320,19 @@ def test_time_cosine_anneals_within_the_budget(tmp_path):
     lr = history["learning_rate"]
     assert result.epochs_run < 500 and sum(history["epoch_seconds"]) <= 0.25 * 60 + 5
     assert max(lr) <= 0.01 + 1e-9 and lr[-1] < 0.25 * max(lr)   # annealed by the end of the budget
+
+
+def test_batched_dihedral_augmentation_gives_one_of_the_eight_views_per_image():
+    import tensorflow as tf
+
+    from hemaflow.tasks.train import augment_batch_dihedral
+
+    x = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3)).astype("float32")
+    out = augment_batch_dihedral(tf.constant(x), tf.constant([3, 4], tf.int64)).numpy()
+    views = lambda im: [np.rot90(v, k) for v in (im, im[:, ::-1]) for k in range(4)]  # noqa: E731
+    kinds = set()
+    for a, b in zip(x, out):
+        match = [i for i, v in enumerate(views(a)) if np.array_equal(v, b)]
+        assert match, "not a flip/rotation of its input"
+        kinds.add(match[0])
+    assert len(kinds) >= 3  # chosen per image, not one view for the whole batch
