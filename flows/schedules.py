@@ -144,7 +144,13 @@ def watch_data(params_path: str = "params.yaml") -> dict:
         status["requested"] = False
     elif status["changed"]:
         status["requested"] = True
-        emit_event(event=DATA_CHANGED,
+        # one event id per data change: two watcher runs that start together (an interval
+        # schedule catching up) both see "no retraining yet"; Prefect's trigger service drops an
+        # event id it has already seen, so the change starts exactly one retraining
+        import uuid
+
+        change = f"{dataset_resource(root)}:{status['trained_md5']}->{status['versioned_md5']}"
+        emit_event(event=DATA_CHANGED, id=uuid.uuid5(uuid.NAMESPACE_URL, change),
                    resource={"prefect.resource.id": dataset_resource(root), "prefect.resource.name": root.name},
                    payload=status)
         logger.info("raw data changed (%s -> %s): retraining requested", status["trained_md5"], status["versioned_md5"])
