@@ -53,13 +53,17 @@ def plot_reliability(bins: list[dict], ece: float, png_path: Path, title: str = 
     conf = np.array([b["confidence"] if b["confidence"] is not None else np.nan for b in bins])
     counts = np.array([b["images"] for b in bins])
     ax.bar(lo, acc, width=width, align="edge", color="tab:blue", edgecolor="white", label="accuracy in bin")
-    ax.bar(lo, np.where(counts > 0, conf - acc, 0), bottom=acc, width=width, align="edge", color="tab:red",
-           alpha=0.35, edgecolor="none", label="gap to mean confidence")
+    used = counts > 0
+    gap_lo = np.minimum(acc, np.nan_to_num(conf))
+    ax.bar(lo[used], np.abs(acc - np.nan_to_num(conf))[used], bottom=gap_lo[used], width=width[used], align="edge",
+           facecolor="none", edgecolor="tab:red", hatch="//", linewidth=0.8,
+           label="gap to the mean confidence (bar above the dot: under-confident)")
+    ax.plot((lo + width / 2)[used], conf[used], "o", color="tab:red", markersize=4, label="mean confidence in bin")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(f"{title}  ECE {ece:.3f}".strip())
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper left", fontsize=8)
     axn.bar(lo, counts, width=width, align="edge", color="tab:grey", edgecolor="white")
     axn.set_yscale("log" if counts.max(initial=0) > 50 else "linear")
     axn.set_xlabel("top-1 confidence")
