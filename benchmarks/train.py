@@ -139,8 +139,9 @@ def time_pipeline(dataset_dir: Path, cfg: TrainParams, n_batches: int = 40, seed
             n += int(xb.shape[0])
         return n / (time.perf_counter() - t0)
 
-    memory, plain, augmented = rate(mem), rate(pipeline(None)), rate(pipeline(augment))
-    fit = fit_rates(pipeline(augment if cfg.online_augmentation else None), mem, cfg, seed)
+    plain_ds, augmented_ds = pipeline(None), pipeline(augment)  # each decoded and cached once
+    memory, plain, augmented = rate(mem), rate(plain_ds), rate(augmented_ds)
+    fit = fit_rates(augmented_ds if cfg.online_augmentation else plain_ds, mem, cfg, seed)
     return {"tfdata_images_per_s": round(plain), "tfdata_augmented_images_per_s": round(augmented),
             "in_memory_images_per_s": round(memory), "ratio": round(plain / memory, 3),
             "augmented_ratio": round(augmented / memory, 3), **fit}

@@ -28,6 +28,12 @@ def score_predictions(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str
     return overall, per_class, confusion_matrix(y_true, y_pred, labels=labels)
 
 
+def log_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean negative log probability of the true class (clipped: one certain mistake is not infinite)."""
+    p_true = probs[np.arange(len(y_true)), np.asarray(y_true)]
+    return float(-np.mean(np.log(np.clip(p_true, 1e-12, 1))))
+
+
 def one_vs_rest_auc(y_true: np.ndarray, probs: np.ndarray) -> tuple[float | None, list[float | None]]:
     """Macro one-vs-rest ROC AUC over the classes that have both positives and negatives
     here (a class absent from the split has no AUC), and the per-class values."""

@@ -26,7 +26,7 @@ from hemaflow.config import EvaluateParams, Params
 from hemaflow.errors import StageInputError, read_table
 from hemaflow.eval_plots import plot_confusion_matrix, plot_error_gallery, plot_rank_histogram, plot_reliability
 from hemaflow.model_folder import LABELS_FILE, open_model_folder
-from hemaflow.scoring import one_vs_rest_auc, reliability, score_predictions, top_k_accuracy, true_class_ranks
+from hemaflow.scoring import log_loss, one_vs_rest_auc, reliability, score_predictions, top_k_accuracy, true_class_ranks
 from hemaflow.tasks.train import find_unreadable, make_image_dataset, prepare_output_dir, read_dataset
 from hemaflow.tta import predict_probs
 
@@ -144,7 +144,7 @@ def score_probabilities(pred: SplitPredictions, bins: int) -> tuple[dict, dict, 
     for c, auc in zip(classes, aucs):
         per_class[c]["auc"] = auc
     overall.update({"macro_auc": macro_auc, "ece": ece, "top3_accuracy": top_k_accuracy(y_true, probs, 3),
-                    "log_loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, 1))))})
+                    "log_loss": log_loss(y_true, probs)})
     return overall, per_class, cm, rel_bins
 
 
@@ -166,13 +166,15 @@ def write_report(out_dir: Path, pred: SplitPredictions, image_root: Path, cfg: E
     plot_confusion_matrix(cm, classes, out_dir / "confusion_matrix.png",
                           title=f"{name}: accuracy {overall['accuracy']:.3f}, balanced {overall['balanced_accuracy']:.3f} (n={n})")
     plot_reliability(rel_bins, overall["ece"], out_dir / "reliability_diagram.png", title=f"{name}: reliability")
-    wrong = np.flatnonzero(pred.y_pred != pred.y_true)
+    is_wrong = pred.y_pred != pred.y_true
+    n_wrong = int(is_wrong.sum())
+    wrong = np.flatnonzero(is_wrong)
     wrong = wrong[np.argsort(-probs[wrong].max(axis=1), kind="stable")][: cfg.gallery_size]  # most confident first
     plot_error_gallery([_read_rgb(image_root / pred.paths[i]) for i in wrong], [pred.labels[i] for i in wrong],
                        [top3[i] for i in wrong], out_dir / "error_gallery.png",
-                       title=f"{name}: {int((pred.y_pred != pred.y_true).sum())} misclassified of {n}"
-                             + (f" (the {len(wrong)} most confident)" if len(wrong) < (pred.y_pred != pred.y_true).sum() else ""))
-    errors = ranks[pred.y_pred != pred.y_true]
+                       title=f"{name}: {n_wrong} misclassified of {n}"
+                             + (f" (the {len(wrong)} most confident)" if len(wrong) < n_wrong else ""))
+    errors = ranks[is_wrong]
     plot_rank_histogram(errors, len(classes), out_dir / "error_ranks.png",
                         title=f"{name}: rank of the true class over {len(errors)} errors")
     return {**overall, "error_rank_counts": {str(r): int((errors == r).sum()) for r in range(2, len(classes) + 1)},

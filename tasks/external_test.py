@@ -34,7 +34,7 @@ def prepare_external(folder: Path, work_dir: Path, params: Params, training_tabl
     work_dir.mkdir(parents=True, exist_ok=True)
     manifest, labels_dir, crops_dir = work_dir / "manifest.parquet", work_dir / "labels", work_dir / "crops"
     ing = ingest(folder, manifest, params.ingest)
-    val = validate_labels(manifest, labels_dir, params.validate_labels, params.base.classes, require_every_class=False)
+    validate_labels(manifest, labels_dir, params.validate_labels, params.base.classes, require_every_class=False)
     seg = segment_images(labels_dir / "clean.parquet", folder, crops_dir, params.segment)
     crops = read_table(crops_dir / "crops.parquet", "external crops table")
     training = read_table(training_table, "training dataset table")
@@ -48,12 +48,11 @@ def prepare_external(folder: Path, work_dir: Path, params: Params, training_tabl
                                       f"{int((~known).sum())} with a class the model does not know")
     clean = read_table(labels_dir / "clean.parquet", "external clean label table")
     counts = {
-        "images": int(getattr(ing, "n_images", len(clean))),
+        "images": int(ing.n_images),
         "clean_images": int(len(clean)),
         "crops": int(len(crops)),
         "segment_flagged": int(sum(seg.flagged.values())),
         "dropped_seen_in_training": int(in_training.sum()),
         "dropped_unknown_class": int((~known & ~in_training).sum()),
     }
-    del val
     return ExternalSet(crops_dir=crops_dir, paths=list(kept["path"]), labels=list(kept["label"]), counts=counts)

@@ -55,7 +55,7 @@ def trial_name(point: dict[str, Any]) -> str:
 def run_trial(dataset_dir: Path, out_dir: Path, base: TrainParams, point: dict[str, Any], classes: tuple[str, ...],
               seed: int) -> TrialResult:
     """Train base+point on the train split; score it on the validation split."""
-    from hemaflow.scoring import score_predictions
+    from hemaflow.scoring import log_loss, score_predictions
     from hemaflow.tasks.evaluate import predict_split
     from hemaflow.tasks.train import train_model
 
@@ -66,10 +66,7 @@ def run_trial(dataset_dir: Path, out_dir: Path, base: TrainParams, point: dict[s
     result = train_model(dataset_dir, model_dir, cfg, classes, seed)
     pred = predict_split(model_dir, dataset_dir, "val")
     overall, _, _ = score_predictions(pred.y_true, pred.y_pred, pred.classes)
-    import numpy as np
-
-    p_true = pred.probs[np.arange(len(pred.y_true)), pred.y_true]
-    overall["log_loss"] = float(-np.mean(np.log(np.clip(p_true, 1e-12, 1))))
+    overall["log_loss"] = log_loss(pred.y_true, pred.probs)
     trial = TrialResult(trial=name, point=point, metrics=overall, epochs_run=result.epochs_run,
                         seconds=round(result.seconds, 2))
     (model_dir / "trial.json").write_text(json.dumps(trial.__dict__, indent=2, default=str) + "\n")

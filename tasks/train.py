@@ -12,6 +12,7 @@ strategy for `devices: cpu:N` must be chosen before TensorFlow sets up its devic
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from hemaflow.config import TrainParams
-from hemaflow.errors import StageInputError, read_table
+from hemaflow.errors import StageInputError, read_table, require_file
 from hemaflow.model_folder import LABELS_FILE, MODEL_FILE
 from hemaflow.progress import Progress
 from hemaflow.schema import DATASET_COLUMNS
@@ -403,7 +404,6 @@ def _epoch_log(path: Path):
             with open(path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
-                import os
                 os.fsync(fh.fileno())
 
     return EpochLog()
@@ -433,7 +433,6 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     import tensorflow as tf
 
     prepare_output_dir(model_dir, dataset_dir)
-    from hemaflow.errors import require_file
     from hemaflow.model_folder import sha256_file
 
     if backbone_weights is not None:
