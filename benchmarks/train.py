@@ -1,9 +1,9 @@
 """Training on real PBC images through the pipeline's own stages: accuracy, time, speed.
 
 Why: a lab switches to hemaflow only if its model is at least as good as the notebook's on
-images it never saw. Target on this 2-core CPU: at 28x28, accuracy >= 0.985 within 20 minutes
-of training, on the internal test split AND on an external PBC folder the model never saw,
-the two within 1 point.
+images it never saw. Targets on this 2-core CPU: at 28x28, accuracy >= 0.985 within 20 minutes
+of training; at 64x64, >= 0.99 within 60 minutes; each on the internal test split AND on an
+external PBC folder the model never saw, the two within 1 point.
 
 What it does (everything under --work-dir, outside the repository; raw data is only read):
 - External folder: unless --test-data is given, --holdout-frac of every PBC class folder
@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 from hemaflow.config import TrainParams, load_params  # noqa: E402
 
 CLASSES = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet")
-TARGET_ACCURACY = 0.985
+# the issue's CPU targets per image size: (accuracy on the test split and the external folder, minutes)
+TARGETS = {28: (0.985, 20), 64: (0.99, 60)}
 UPSTREAM = ("ingest", "validate_labels", "segment", "split", "augment", "check_quality")
 
 
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         ev, eval_s = run("evaluate", p, work, f"params_{tag}.yaml")
         summary = json.loads((work / "models" / tag / "train_summary.json").read_text())
         ext = ev.external or {}
+        target = TARGETS.get(train["image_size"])
         rows.append({"model": name, "image_size": train["image_size"], "tta": bool(ev.metrics.get("tta")),
                      "test_accuracy": round(ev.metrics["accuracy"], 4),
                      "test_balanced_accuracy": round(ev.metrics["balanced_accuracy"], 4),
@@ -251,8 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
                      "train_images_per_s": round(result.images_per_second, 1),
                      "macro_auc": round(ev.metrics["macro_auc"], 4), "ece": round(ev.metrics["ece"], 4),
                      "recall": {c: round(v["recall"], 4) for c, v in ev.per_class.items()},
-                     "meets_target": bool(ev.metrics["accuracy"] >= TARGET_ACCURACY and result.seconds <= 20 * 60
-                                          and (not ext or ext["accuracy"] >= TARGET_ACCURACY))})
+                     "target": list(target) if target else None,
+                     "meets_target": (bool(ev.metrics["accuracy"] >= target[0] and result.seconds <= target[1] * 60
+                                           and (not ext or ext["accuracy"] >= target[0])) if target else None)})
         print(f"{tag}: trained {result.seconds / 60:.1f} min, test {ev.metrics['accuracy']:.4f}"
               + (f", external {ext['accuracy']:.4f}" if ext else ""), flush=True)
 
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"(target >= 0.9)")
     print(f"stages before training: " + ", ".join(f"{k} {v:.0f} s" for k, v in stage_seconds.items()))
     figures = {"benchmark": "train", "models": rows, "pipeline": pipe, "stage_seconds": stage_seconds,
-               "holdout": holdout, "target_accuracy": TARGET_ACCURACY}
+               "holdout": holdout, "targets": {str(k): list(v) for k, v in TARGETS.items()}}
     print(json.dumps(figures))
     return figures
 

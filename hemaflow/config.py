@@ -214,6 +214,9 @@ class TrainParams(_Frozen):
     # mixed_bfloat16: bf16 maths, float32 weights and softmax (~1.7x faster on CPUs with AMX/AVX512-BF16)
     precision: Literal["float32", "mixed_bfloat16"] = "float32"
     max_minutes: float | None = Field(None, gt=0)  # training time budget: no epoch starts that would end past it
+    # temperature: after training, one temperature fitted on the val split (log-loss) is folded
+    # into the softmax layer (hemaflow/calibration.py): calibrated probabilities, same argmax
+    calibrate: Literal["none", "temperature"] = "none"
     # architecture options (each builder uses those it has; see hemaflow/models.py)
     units: int = Field(128, ge=1)                 # mlp hidden units
     kernels: int = Field(64, ge=1)                # shallow_cnn conv kernels
@@ -221,6 +224,7 @@ class TrainParams(_Frozen):
     dropout: float = Field(0.0, ge=0, lt=1)       # before the softmax (mlp, shallow_cnn, lenet, resnets)
     width: int = Field(32, ge=1)                  # resnet_small filters of the first stage (then 2x, 4x)
     depth: int = Field(2, ge=1)                   # resnet_small residual blocks per stage
+    stem_stride: Literal[1, 2] = 1                # resnet_small: 2 halves the maps (64 px at ~32 px cost)
     # backbones with paths.backbone_weights: frozen base + new head first, then fine_tune_epochs
     # with the whole network at fine_tune_learning_rate (also after a warm start, paths.init_model)
     freeze_base: bool = True

@@ -169,15 +169,20 @@ def build_study_resnet(input_shape: tuple[int, int, int], n_classes: int, online
 
 
 def build_resnet_small(input_shape: tuple[int, int, int], n_classes: int, online_augmentation: bool = False,
-                       width: int = 32, depth: int = 2, dropout: float = 0.0) -> keras.Model:
+                       width: int = 32, depth: int = 2, dropout: float = 0.0, stem_stride: int = 1) -> keras.Model:
     """Small-image ResNet: 3x3 stride-1 stem (no early pooling, fine detail of 28 px cells is
     kept), three stages of `depth` basic blocks at width, 2x, 4x filters (stride 2 between
-    stages, 1x1 projections), BN, global average pooling, softmax. width 32, depth 2: ~0.7M params."""
+    stages, 1x1 projections), BN, global average pooling, softmax. width 32, depth 2: ~0.7M params.
+
+    stem_stride 2 halves the feature maps after a 3x3 stem that still sees every input pixel:
+    a 64 px input then costs about what a 32 px one does at stride 1 (same parameters)."""
     _check_classes(n_classes)
     if width < 1 or depth < 1:
         raise ValueError(f"resnet_small needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
+    if stem_stride not in (1, 2):
+        raise ValueError(f"resnet_small stem_stride must be 1 or 2, got {stem_stride}")
     inputs, x = _inputs(input_shape, online_augmentation)
-    x = _conv_bn(x, width, 3, 1, "stem")
+    x = _conv_bn(x, width, 3, stem_stride, "stem")
     for stage, filters in enumerate((width, 2 * width, 4 * width)):
         for block in range(depth):
             stride = 2 if stage > 0 and block == 0 else 1
@@ -213,7 +218,7 @@ def build_model(name: str, input_shape: tuple[int, int, int], n_classes: int,
                 online_augmentation: bool = False, **options) -> keras.Model:
     """Build the architecture registered under `name` (params.yaml train.architecture).
 
-    `options` (units, kernels, kernel_size, dropout, width, depth: TrainParams fields) go to
+    `options` (units, kernels, kernel_size, dropout, width, depth, stem_stride: TrainParams fields) go to
     the builders that take them; those a builder has no use for are ignored, so the train
     stage can pass every option whatever the architecture.
     """

@@ -523,6 +523,8 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     if progress and epochs_run < cfg.epochs:
         progress(cfg.epochs, cfg.epochs)  # stopped early: training is complete
 
+    calibration = (calibrate_model(model, val_ds, [index[c] for c in val_df["label"]])
+                   if cfg.calibrate == "temperature" and val_ds is not None else None)
     model.save(model_dir / MODEL_FILE)
     (model_dir / LABELS_FILE).write_text(json.dumps(list(classes), indent=2) + "\n")
     (model_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
@@ -552,6 +554,7 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
         "backbone_weights": ({"path": str(backbone_weights), "sha256": extra_inputs["backbone_weights"],
                               "frozen_first": cfg.freeze_base} if backbone_weights else None),
         "fine_tune_from_epoch": phase2_from,
+        "calibration": calibration,
         "seconds": round(seconds, 3), "images_per_second": round(result.images_per_second, 1),
         "images_per_second_steady": round(per_epoch / float(np.median(steady)), 1),
         "model_parameters": int(model.count_params()),
@@ -560,6 +563,22 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     (model_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     shutil.rmtree(backup, ignore_errors=True)  # the job is complete: nothing to resume
     return result
+
+
+def calibrate_model(model, val_ds, val_labels: list[int]) -> dict:
+    """Temperature scaling on the validation split (hemaflow/calibration.py), in place; the
+    val log-loss and ECE before and after go into train_summary.json."""
+    from hemaflow.calibration import apply_temperature, fit_temperature, scale_probs
+    from hemaflow.scoring import log_loss, reliability
+
+    probs = model.predict(val_ds, verbose=0)
+    y = np.asarray(val_labels)
+    t = fit_temperature(probs, y)
+    apply_temperature(model, t)
+    after = scale_probs(probs, t)
+    return {"method": "temperature", "temperature": round(t, 4), "val_images": int(len(y)),
+            "val_log_loss_before": round(log_loss(y, probs), 4), "val_log_loss_after": round(log_loss(y, after), 4),
+            "val_ece_before": round(reliability(y, probs)[0], 4), "val_ece_after": round(reliability(y, after)[0], 4)}
 
 
 def _initial_model(cfg: TrainParams, classes: tuple[str, ...], seed: int, init_model: Path | None,
@@ -587,7 +606,8 @@ def _initial_model(cfg: TrainParams, classes: tuple[str, ...], seed: int, init_m
     try:
         model = build_model(cfg.architecture, shape, len(classes), online_augmentation=cfg.augmentation_layers,
                             units=cfg.units, kernels=cfg.kernels, kernel_size=cfg.kernel_size, dropout=cfg.dropout,
-                            width=cfg.width, depth=cfg.depth, weights_path=backbone_weights,
+                            width=cfg.width, depth=cfg.depth, stem_stride=cfg.stem_stride,
+                            weights_path=backbone_weights,
                             freeze_base=cfg.freeze_base)
     except FileNotFoundError as exc:
         raise StageInputError(backbone_weights, "backbone weights file not found") from exc

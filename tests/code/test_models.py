@@ -174,6 +174,17 @@ def test_resnet_small_width_and_depth_are_options():
         build_resnet_small((28, 28, 3), 8, depth=0)
 
 
+def test_resnet_small_stem_stride_2_halves_the_maps_with_the_same_parameters():
+    one = build_model("resnet_small", (64, 64, 3), 8, width=8, depth=1)
+    two = build_model("resnet_small", (64, 64, 3), 8, width=8, depth=1, stem_stride=2)
+    assert one.get_layer("stem_relu").output.shape[1:] == (64, 64, 8)
+    assert two.get_layer("stem_relu").output.shape[1:] == (32, 32, 8)
+    assert two.get_layer("stage3_block1_out").output.shape[1:] == (8, 8, 32)
+    assert one.count_params() == two.count_params()
+    with pytest.raises(ValueError, match="stem_stride must be 1 or 2"):
+        build_resnet_small((64, 64, 3), 8, stem_stride=3)
+
+
 def test_options_a_builder_does_not_take_are_ignored():
     a = build_model("small_cnn", (32, 32, 3), 5, units=7, width=3, kernel_size=5)
     assert a.count_params() == build_model("small_cnn", (32, 32, 3), 5).count_params()

@@ -336,3 +336,22 @@ def test_batched_dihedral_augmentation_gives_one_of_the_eight_views_per_image():
         assert match, "not a flip/rotation of its input"
         kinds.add(match[0])
     assert len(kinds) >= 3  # chosen per image, not one view for the whole batch
+
+
+def test_temperature_calibration_rescales_the_same_training(trained, tmp_path):
+    """Same seed, same data: the calibrated model is the plain one with softmax(z / T)."""
+    from hemaflow.calibration import scale_probs
+    from hemaflow.tasks.train import read_dataset
+
+    root, _, _ = trained
+    train_model(root / "data", tmp_path / "cal", CFG.model_copy(update={"calibrate": "temperature"}), CLASSES, SEED)
+    summary = json.loads((tmp_path / "cal" / "train_summary.json").read_text())
+    cal = summary["calibration"]
+    assert cal["method"] == "temperature" and cal["val_images"] > 0
+    assert cal["val_log_loss_after"] <= cal["val_log_loss_before"] + 1e-4
+    val = read_dataset(root / "data" / "dataset.parquet", CLASSES).query("split == 'val'")
+    x = np.stack([load_image(str(root / "data" / p), CFG.image_size).numpy() for p in val["path"]])
+    plain = keras.models.load_model(root / "model" / "model.keras").predict(x, verbose=0)
+    calibrated = keras.models.load_model(tmp_path / "cal" / "model.keras").predict(x, verbose=0)
+    np.testing.assert_allclose(calibrated, scale_probs(plain, cal["temperature"]), atol=2e-3)
+    assert json.loads((root / "model" / "train_summary.json").read_text())["calibration"] is None
