@@ -107,6 +107,21 @@ def run(stage: str, params_dict: dict, work: Path, path: str = "params.yaml"):
     return result, time.perf_counter() - t0
 
 
+def train_config(base_train: dict, spec: str, args) -> dict:
+    """The params' train section with --model NAME@SIZE, --minutes, --epochs and --set applied."""
+    name, _, size = spec.partition("@")
+    train = {**base_train, "architecture": name or base_train["architecture"],
+             "image_size": int(size or base_train["image_size"])}
+    if args.minutes is not None:
+        train["max_minutes"] = args.minutes
+    if args.epochs is not None:
+        train["epochs"] = args.epochs
+    for kv in args.set:
+        key, _, value = kv.partition("=")
+        train[key] = yaml.safe_load(value)
+    return train
+
+
 def time_pipeline(dataset_dir: Path, cfg: TrainParams, n_batches: int = 40, seed: int = 42) -> dict:
     """Train images/s out of the tf.data pipeline (warm uint8 cache; with and without the online
     augmentation) vs the same shuffle + batch over in-memory tensors of the same shape."""
@@ -158,7 +173,7 @@ def fit_rates(pipeline_ds, memory_ds, cfg: TrainParams, seed: int, steps: int = 
     keras.utils.set_random_seed(seed)
     keras.config.set_dtype_policy(cfg.precision)
     model = build_model(cfg.architecture, (cfg.image_size, cfg.image_size, 3), len(CLASSES), width=cfg.width,
-                        depth=cfg.depth)
+                        depth=cfg.depth, stem_stride=cfg.stem_stride)
     keras.config.set_dtype_policy("float32")
     model.compile(optimizer="adam", loss="categorical_crossentropy")
     model.fit(memory_ds.take(3), verbose=0)  # build + trace
@@ -198,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.pipeline_only:
         base = yaml.safe_load((args.work_dir.resolve() / "params.yaml").read_text())
-        cfg = TrainParams(**base["train"])
+        cfg = TrainParams(**train_config(base["train"], (args.model or [""])[0], args))
         pipe = time_pipeline(args.work_dir.resolve() / "augmented", cfg, seed=args.seed)
         print(f"input pipeline ({cfg.architecture}, {cfg.image_size} px, batch {cfg.batch_size}):")
         for k, v in pipe.items():
@@ -225,15 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     specs = args.model or [f"{base['train']['architecture']}@{base['train']['image_size']}"]
     rows = []
     for spec in specs:
-        name, _, size = spec.partition("@")
-        train = {**base["train"], "architecture": name, "image_size": int(size or base["train"]["image_size"])}
-        if args.minutes is not None:
-            train["max_minutes"] = args.minutes
-        if args.epochs is not None:
-            train["epochs"] = args.epochs
-        for kv in args.set:
-            key, _, value = kv.partition("=")
-            train[key] = yaml.safe_load(value)
+        train = train_config(base["train"], spec, args)
+        name = train["architecture"]
         tag = f"{name}_{train['image_size']}"
         p = {**base, "train": train, "paths": {**base["paths"], "model_dir": str(work / "models" / tag),
                                                "eval_dir": str(work / "eval" / tag)}}
@@ -259,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{tag}: trained {result.seconds / 60:.1f} min, test {ev.metrics['accuracy']:.4f}"
               + (f", external {ext['accuracy']:.4f}" if ext else ""), flush=True)
 
-    cfg = TrainParams(**{**base["train"], "architecture": rows[0]["model"], "image_size": rows[0]["image_size"]})
+    cfg = TrainParams(**train_config(base["train"], specs[0], args))  # the first model's own settings
     pipe = time_pipeline(work / "augmented", cfg, seed=args.seed)
 
     head = ("model", "size", "test acc", "test bal", "ext acc", "ext bal", "params", "epochs", "train min", "img/s")
