@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
 
-HEAD = "probabilities"   # the float32 softmax Dense layer every hemaflow model ends with
+from hemaflow.warm_start import HEAD  # the float32 softmax Dense layer every hemaflow model ends with
+
 T_BOUNDS = (0.05, 20.0)
 
 
@@ -24,10 +26,7 @@ def _log_probs(probs: np.ndarray) -> np.ndarray:
 
 def scale_probs(probs: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(log p / T): the same as softmax(z / T) for the logits z behind p."""
-    z = _log_probs(probs) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return softmax(_log_probs(probs) / temperature, axis=1)
 
 
 def fit_temperature(probs: np.ndarray, y_true: np.ndarray) -> float:
@@ -39,9 +38,7 @@ def fit_temperature(probs: np.ndarray, y_true: np.ndarray) -> float:
     rows = np.arange(len(y_true))
 
     def nll(log_t: float) -> float:
-        z = logp / np.exp(log_t)
-        z -= z.max(axis=1, keepdims=True)
-        return float(-(z[rows, y_true] - np.log(np.exp(z).sum(axis=1))).mean())
+        return float(-log_softmax(logp / np.exp(log_t), axis=1)[rows, y_true].mean())
 
     res = minimize_scalar(nll, bounds=tuple(np.log(T_BOUNDS)), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(res.x))
