@@ -171,7 +171,9 @@ def fit_rates(pipeline_ds, memory_ds, cfg: TrainParams, seed: int, steps: int = 
     from hemaflow.models import build_model
 
     keras.utils.set_random_seed(seed)
-    keras.config.set_dtype_policy(cfg.precision)
+    from hemaflow.devices import resolve_precision
+
+    keras.config.set_dtype_policy(resolve_precision(cfg.precision))
     model = build_model(cfg.architecture, (cfg.image_size, cfg.image_size, 3), len(CLASSES), width=cfg.width,
                         depth=cfg.depth, stem_stride=cfg.stem_stride)
     keras.config.set_dtype_policy("float32")

@@ -211,8 +211,9 @@ class TrainParams(_Frozen):
     lr_schedule: Literal["constant", "cosine", "cosine_time"] = "constant"
     warmup_epochs: float = Field(0, ge=0)         # linear warm-up from 0 to learning_rate
     class_weight: Literal["none", "balanced"] = "none"  # balanced: n / (classes x count) per class
-    # mixed_bfloat16: bf16 maths, float32 weights and softmax (~1.7x faster on CPUs with AMX/AVX512-BF16)
-    precision: Literal["float32", "mixed_bfloat16"] = "float32"
+    # mixed_*: bf16/fp16 maths, float32 weights and softmax (bf16: 1.7x faster on an AMX Xeon, 9x
+    # slower on an AVX2-only CPU); auto: mixed where the hardware has it (hemaflow/devices.py)
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "float32"
     max_minutes: float | None = Field(None, gt=0)  # training time budget: no epoch starts that would end past it
     # temperature: after training, one temperature fitted on the val split (log-loss) is folded
     # into the softmax layer (hemaflow/calibration.py): calibrated probabilities, same argmax

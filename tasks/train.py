@@ -365,13 +365,35 @@ def open_resume_dir(model_dir: Path, fingerprint: str) -> tuple[Path, list[dict]
     return folder, read_epoch_log(folder / "epochs.jsonl")
 
 
-def checkpoint_epoch(folder: Path) -> int:
-    """Epochs completed by the checkpoint in a resume folder (0: none, start from scratch)."""
-    meta = folder / "checkpoint" / "training_metadata.json"
+def checkpoint_epoch(folder: Path, checkpoint: str = "checkpoint") -> int:
+    """Epochs completed by a checkpoint in a resume folder (0: none, start from scratch)."""
+    meta = folder / checkpoint / "training_metadata.json"
     try:
-        return int(json.loads(meta.read_text())["epoch"]) if (folder / "checkpoint" / "latest.weights.h5").is_file() else 0
+        return int(json.loads(meta.read_text())["epoch"]) if (folder / checkpoint / "latest.weights.h5").is_file() else 0
     except (OSError, ValueError, KeyError):
         return 0
+
+
+# the first phase of a two-phase job (frozen base, then fine-tuning), kept in the resume folder
+PHASE1_WEIGHTS, PHASE1_MARKER, FINE_TUNE_CHECKPOINT = "phase1.weights.h5", "phase1.json", "fine_tune_checkpoint"
+
+
+def save_first_phase(model, folder: Path) -> int:
+    """Keep the finished first phase (its kept weights and optimizer state) so that a kill
+    during fine-tuning does not redo it; the marker is written last. Returns its epochs."""
+    epochs = len(read_epoch_log(folder / "epochs.jsonl"))
+    model.save_weights(folder / PHASE1_WEIGHTS)
+    (folder / PHASE1_MARKER).write_text(json.dumps({"epochs": epochs}) + "\n")
+    return epochs
+
+
+def finished_first_phase(folder: Path) -> dict | None:
+    """{epochs} of a first phase this job already finished, or None (run it)."""
+    try:
+        info = json.loads((folder / PHASE1_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if (folder / PHASE1_WEIGHTS).is_file() and int(info.get("epochs", 0)) > 0 else None
 
 
 def read_epoch_log(path: Path) -> list[dict]:
@@ -420,7 +442,8 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     history.json, training_curves.png and train_summary.json into model_dir.
 
     A killed job resumes from its last epoch when run again with the same inputs (the
-    checkpoint lives beside model_dir, see resume_dir); the fine-tuning phase restarts."""
+    checkpoint lives beside model_dir, see resume_dir), in either phase: a kill during
+    fine-tuning keeps the finished first phase and continues the second."""
     dataset_dir, model_dir = Path(dataset_dir), Path(model_dir)
     dataset_path = dataset_dir / "dataset.parquet"
     df = read_dataset(dataset_path, classes)
@@ -429,9 +452,10 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
         raise StageInputError(dataset_path, "no rows with split == 'train'")
 
     # Device setup first: cpu:N must configure logical devices before any TF op runs.
-    from hemaflow.devices import describe_strategy, select_strategy
+    from hemaflow.devices import describe_strategy, resolve_precision, select_strategy
 
     strategy = select_strategy(cfg.devices)
+    precision = resolve_precision(cfg.precision, strategy)
     import keras
     import tensorflow as tf
 
@@ -446,7 +470,9 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
                                                               ("backbone_weights", backbone_weights)) if path}
     backup, done_before = open_resume_dir(model_dir, training_fingerprint(cfg, classes, seed, dataset_path,
                                                                           extra_inputs))
-    resumed_from = checkpoint_epoch(backup)
+    phase1 = finished_first_phase(backup) if cfg.fine_tune_epochs else None
+    resumed_from = checkpoint_epoch(backup, FINE_TUNE_CHECKPOINT if phase1 else "checkpoint") or (
+        phase1["epochs"] if phase1 else 0)
     done_before = [r for r in done_before if r["epoch"] <= resumed_from]
     if not resumed_from:
         (backup / "epochs.jsonl").unlink(missing_ok=True)
@@ -479,7 +505,7 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
 
     with strategy.scope():
         previous_policy = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(cfg.precision)
+        keras.config.set_dtype_policy(precision)
         try:
             model, warm = _initial_model(cfg, classes, seed, init_model, backbone_weights)
         finally:
@@ -500,28 +526,38 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     if cfg.lr_schedule == "cosine_time":
         callbacks.append(_time_cosine(cfg, steps_per_epoch, spent_before, resumed_from * steps_per_epoch))
     t0 = time.perf_counter()
+    fit_history: dict = {}
     try:
-        fit = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks,
-                        shuffle=False, verbose=0, class_weight=class_weight)
+        if phase1:  # killed while fine-tuning: the first phase's result is kept, not redone
+            with strategy.scope():
+                model.optimizer.build(model.trainable_variables)  # its state is in the file too
+            model.load_weights(backup / PHASE1_WEIGHTS)
+        else:
+            fit_history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks,
+                                    shuffle=False, verbose=0, class_weight=class_weight).history
+        phase2_from = None
+        if cfg.fine_tune_epochs and not (budget and budget.stopped_epoch):
+            phase2_from = phase1["epochs"] if phase1 else save_first_phase(model, backup)
+            _fine_tune(model, strategy, cfg, train_ds, val_ds, class_weight, phase2_from, monitor,
+                       [_epoch_log(backup / "epochs.jsonl"), keras.callbacks.BackupAndRestore(
+                           str(backup / FINE_TUNE_CHECKPOINT), save_freq="epoch", double_checkpoint=True), timer])
     except tf.errors.OpError:
         bad = find_unreadable([str(dataset_dir / p) for p in df["path"]])
         if bad:
             raise StageInputError(bad[0], f"image listed in {dataset_path.name} cannot be decoded: {bad[1]}") from None
         raise
-    phase2_from = None
-    if cfg.fine_tune_epochs and not (budget and budget.stopped_epoch):
-        phase2_from = len(read_epoch_log(backup / "epochs.jsonl"))
-        _fine_tune(model, strategy, cfg, train_ds, val_ds, class_weight, phase2_from, monitor,
-                   [_epoch_log(backup / "epochs.jsonl"), timer])
     seconds = time.perf_counter() - t0
 
     log = read_epoch_log(backup / "epochs.jsonl")
-    keys = list(dict.fromkeys([*fit.history, *(k for r in log for k in r if k not in ("epoch", "seconds"))]))
+    keys = list(dict.fromkeys([*fit_history, *(k for r in log for k in r if k not in ("epoch", "seconds"))]))
     history = {k: [float(r.get(k, float("nan"))) for r in log] for k in keys}
     history["epoch_seconds"] = [r["seconds"] for r in log]
     epochs_run = len(log)
     # the kept weights are the best of this run's epochs (a resumed job restarts early stopping)
-    first = phase2_from if phase2_from is not None else (resumed_from if resumed_from < epochs_run else 0)
+    if phase2_from is not None:
+        first = resumed_from if phase2_from <= resumed_from < epochs_run else phase2_from
+    else:
+        first = resumed_from if resumed_from < epochs_run else 0
     best_epoch = first + int(np.argmin(history[monitor][first:])) + 1
     if progress and epochs_run < cfg.epochs:
         progress(cfg.epochs, cfg.epochs)  # stopped early: training is complete
@@ -556,7 +592,7 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
                        if init_model else None),
         "backbone_weights": ({"path": str(backbone_weights), "sha256": extra_inputs["backbone_weights"],
                               "frozen_first": cfg.freeze_base} if backbone_weights else None),
-        "fine_tune_from_epoch": phase2_from,
+        "fine_tune_from_epoch": phase2_from, "precision": precision,
         "calibration": calibration,
         "seconds": round(seconds, 3), "images_per_second": round(result.images_per_second, 1),
         "images_per_second_steady": round(per_epoch / float(np.median(steady)), 1),

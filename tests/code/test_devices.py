@@ -12,7 +12,8 @@ import tensorflow as tf
 from pydantic import ValidationError
 
 from hemaflow.config import TrainParams
-from hemaflow.devices import DeviceConfigError, describe_strategy, select_strategy
+from hemaflow.devices import (DeviceConfigError, cpu_has_bf16, describe_strategy, resolve_precision,
+                              select_strategy)
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_GPU = bool(tf.config.list_physical_devices("GPU"))
@@ -74,3 +75,22 @@ def test_one_epoch_mirrored_over_two_logical_cpus(tmp_path):
     assert [d.split("/")[-1] for d in info["devices"]] == ["device:CPU:0", "device:CPU:1"]
     assert info["epochs_run"] == 1
     assert (tmp_path / "model" / "model.keras").stat().st_size > 10_000
+
+
+EPYC_AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma\n"
+XEON_AMX = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+
+
+def test_bf16_is_detected_from_the_cpu_flags():
+    assert not cpu_has_bf16(EPYC_AVX2) and cpu_has_bf16(XEON_AMX) and not cpu_has_bf16("")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU choice")
+def test_auto_precision_follows_this_cpu_and_named_ones_pass_through():
+    expected = "mixed_bfloat16" if cpu_has_bf16() else "float32"
+    assert resolve_precision("auto", select_strategy("auto")) == expected == resolve_precision("auto")
+    assert resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+    assert resolve_precision("float32") == "float32"
+    assert TrainParams(precision="auto").precision == "auto"
+    with pytest.raises(ValidationError):
+        TrainParams(precision="bf16")

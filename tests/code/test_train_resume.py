@@ -80,3 +80,45 @@ def test_checkpoint_of_other_params_is_discarded(tmp_path):
     summary = json.loads((model_dir / "train_summary.json").read_text())
     assert summary["resumed_from_epoch"] == 0 and result.epochs_run == 2 and not stale.exists()
     assert params.is_file()
+
+
+@pytest.mark.slow
+def test_job_killed_while_fine_tuning_keeps_its_first_phase(tmp_path):
+    """Two-phase job (frozen backbone from a local weights file, then fine-tuning): a kill in
+    the second phase keeps the finished first phase and continues the second."""
+    import keras
+
+    keras.utils.set_random_seed(5)
+    base = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg")
+    base.save_weights(tmp_path / "mobilenet_v2_notop.weights.h5")
+    train = {**TRAIN, "architecture": "mobilenet_v2", "epochs": 3, "fine_tune_epochs": 30,
+             "fine_tune_learning_rate": 1e-3}
+    params = _project(tmp_path, train)
+    spec = yaml.safe_load(params.read_text())
+    spec["paths"]["backbone_weights"] = "mobilenet_v2_notop.weights.h5"
+    params.write_text(yaml.safe_dump(spec))
+    model_dir = tmp_path / "models" / "candidate"
+    log = resume_dir(model_dir) / "epochs.jsonl"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(_train_cmd(params), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(read_epoch_log(log)) < 6:  # three epochs into fine-tuning
+        assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, "no fine-tuning epoch logged within 300 s"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = read_epoch_log(log)
+    assert len(before) < 33 and not (model_dir / "model.keras").exists()
+
+    rerun = subprocess.run(_train_cmd(params), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads((model_dir / "train_summary.json").read_text())
+    history = json.loads((model_dir / "history.json").read_text())
+    assert summary["fine_tune_from_epoch"] == 3
+    assert summary["resumed_from_epoch"] >= len(before) - 1 >= 5  # resumed inside the second phase
+    assert summary["epochs_run"] == 33 == len(history["loss"])
+    assert history["epoch_seconds"][:3] == [r["seconds"] for r in before[:3]]  # first phase not redone
+    assert summary["best_epoch"] > summary["resumed_from_epoch"]
+    assert not resume_dir(model_dir).exists()
