@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 # Small but real: the same stages on fewer fields, fewer epochs. Batches of 8 give the
-# ~120 train images 15 steps an epoch: with 4 (batch 32) BatchNorm's moving statistics
-# had not settled, and the restored best epoch was near chance.
-# train 8 epochs: at 4 the small_cnn was still at chance on 7 test images on an AVX2 EPYC host (0.29)
+# ~120 train images 15 steps an epoch (at batch 32 BatchNorm's moving statistics had not
+# settled), and 8 epochs (at 4 the restored best epoch was still near chance on an AVX2
+# EPYC host: 0.29 on 7 test images).
 SMALL = {"augment": {"target_per_class": 24}, "train": {"epochs": 8, "image_size": 32, "batch_size": 8},
          "check_quality": {"min_per_class": 1, "max_imbalance_ratio": 5.0, "max_kl_divergence": 1.0},
          # a few test images: the gate's size and recall floors are for real test sets
