@@ -109,19 +109,14 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
 def resolve_precision(precision: str, strategy: tf.distribute.Strategy | None = None) -> str:
     """The Keras dtype policy for params `train.precision`: "auto" is mixed precision where
     the hardware has it -- mixed_bfloat16 on GPUs of compute capability 8.0+ and on CPUs with
-    bf16 instructions, mixed_float16 on older GPUs -- else float32; others pass through."""
+    bf16 instructions, mixed_float16 on older GPUs -- else float32; others pass through.
+    The hardware is the strategy's devices, or any GPU TensorFlow sees when none is given."""
     if precision != "auto":
         return precision
-    on_gpu = strategy is not None and any("GPU" in str(d).upper() for d in _strategy_devices(strategy))
+    on_gpu = (any("GPU" in d.upper() for d in describe_strategy(strategy)["devices"]) if strategy is not None
+              else bool(tf.config.list_physical_devices("GPU")))
     if on_gpu:
         caps = [tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0))
                 for g in tf.config.list_physical_devices("GPU")]
         return "mixed_bfloat16" if caps and min(caps) >= (8, 0) else "mixed_float16"
     return "mixed_bfloat16" if cpu_has_bf16() else "float32"
-
-
-def _strategy_devices(strategy: tf.distribute.Strategy) -> list[str]:
-    try:
-        return [str(d) for d in strategy.extended.worker_devices]
-    except (RuntimeError, AttributeError):  # the default strategy: GPU if TF placed ops there
-        return [d.name for d in tf.config.list_logical_devices("GPU")][:1] or ["/cpu:0"]

@@ -23,10 +23,10 @@ TRAIN = {"architecture": "small_cnn", "image_size": 32, "epochs": 40, "batch_siz
          "patience": 100}
 
 
-def _project(root: Path, train: dict) -> Path:
+def _project(root: Path, train: dict, **paths: str) -> Path:
     write_dataset(root / "data" / "augmented", per_split={"train": 12, "val": 4, "test": 2})
     params = {"base": {"classes": list(CLASSES)},
-              "paths": {"augmented_dir": "data/augmented", "model_dir": "models/candidate"}, "train": train}
+              "paths": {"augmented_dir": "data/augmented", "model_dir": "models/candidate", **paths}, "train": train}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root / "params.yaml"
 
@@ -35,25 +35,33 @@ def _train_cmd(params: Path) -> list[str]:
     return [str(BIN / "hemaflow"), "train", "--params", str(params)]
 
 
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _kill_after_epochs(params: Path, log: Path, epochs: int) -> None:
+    """Run `hemaflow train` in a subprocess and SIGKILL it once `epochs` epochs are logged:
+    no clean-up, like a node lost mid-run."""
+    proc = subprocess.Popen(_train_cmd(params), cwd=params.parent, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(read_epoch_log(log)) < epochs:
+        assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, f"fewer than {epochs} epochs logged within 300 s"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
 @pytest.mark.slow
 def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     params = _project(tmp_path, TRAIN)
     model_dir = tmp_path / "models" / "candidate"
     log = resume_dir(model_dir) / "epochs.jsonl"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.Popen(_train_cmd(params), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while len(read_epoch_log(log)) < 4:
-        assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-        assert time.monotonic() < deadline, "no epoch logged within 300 s"
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # no clean-up: like a node lost mid-run
-    proc.wait(timeout=30)
+    _kill_after_epochs(params, log, 4)
     done_at_kill = len(read_epoch_log(log))
     assert done_at_kill < TRAIN["epochs"] and not (model_dir / "model.keras").exists()
 
-    rerun = subprocess.run(_train_cmd(params), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(_train_cmd(params), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads((model_dir / "train_summary.json").read_text())
     history = json.loads((model_dir / "history.json").read_text())
@@ -93,26 +101,14 @@ def test_job_killed_while_fine_tuning_keeps_its_first_phase(tmp_path):
     base.save_weights(tmp_path / "mobilenet_v2_notop.weights.h5")
     train = {**TRAIN, "architecture": "mobilenet_v2", "epochs": 3, "fine_tune_epochs": 30,
              "fine_tune_learning_rate": 1e-3}
-    params = _project(tmp_path, train)
-    spec = yaml.safe_load(params.read_text())
-    spec["paths"]["backbone_weights"] = "mobilenet_v2_notop.weights.h5"
-    params.write_text(yaml.safe_dump(spec))
+    params = _project(tmp_path, train, backbone_weights="mobilenet_v2_notop.weights.h5")
     model_dir = tmp_path / "models" / "candidate"
     log = resume_dir(model_dir) / "epochs.jsonl"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.Popen(_train_cmd(params), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while len(read_epoch_log(log)) < 6:  # three epochs into fine-tuning
-        assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-        assert time.monotonic() < deadline, "no fine-tuning epoch logged within 300 s"
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    _kill_after_epochs(params, log, 6)  # three epochs into fine-tuning
     before = read_epoch_log(log)
     assert len(before) < 33 and not (model_dir / "model.keras").exists()
 
-    rerun = subprocess.run(_train_cmd(params), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(_train_cmd(params), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads((model_dir / "train_summary.json").read_text())
     history = json.loads((model_dir / "history.json").read_text())
