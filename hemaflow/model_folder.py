@@ -48,6 +48,7 @@ class ModelFolder:
     classes: tuple[str, ...]
     sha256: str                          # of model.keras
     card: dict | None = None             # card.json of a promoted version, if present
+    precision: str | None = None         # the dtype policy inference runs in, set by load()
     _model: object | None = field(default=None, repr=False)
 
     @property
@@ -59,9 +60,15 @@ class ModelFolder:
         return self.path / LABELS_FILE
 
     def load(self):
-        """The Keras model (compile=False, safe_mode=True), checked against the class list."""
+        """The Keras model (compile=False, safe_mode=True), checked against the class list.
+
+        A model trained in mixed precision runs in float32 on a host that would not pick that
+        policy itself (e.g. a bf16 model on a CPU without bf16 instructions, where it is emulated)."""
         if self._model is None:
             import keras
+
+            from hemaflow.devices import resolve_precision
+            from hemaflow.models import float32_copy, mixed_policy
 
             try:
                 model = keras.models.load_model(self.model_path, compile=False, safe_mode=True)
@@ -71,6 +78,10 @@ class ModelFolder:
             if n_out != len(self.classes):
                 raise StageInputError(self.labels_path, f"lists {len(self.classes)} classes but the model "
                                                         f"outputs {n_out}")
+            trained_in = mixed_policy(model)
+            if trained_in is not None and trained_in != resolve_precision("auto"):
+                model, trained_in = float32_copy(model), None
+            self.precision = trained_in or "float32"
             self._model = model
         return self._model
 

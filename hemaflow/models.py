@@ -234,3 +234,43 @@ def build_model(name: str, input_shape: tuple[int, int, int], n_classes: int,
 def _check_classes(n_classes: int) -> None:
     if n_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
+
+
+MIXED_POLICIES = ("mixed_bfloat16", "mixed_float16")
+
+
+def mixed_policy(model: keras.Model) -> str | None:
+    """The mixed-precision policy a model was built under (train.precision), or None if float32."""
+    names = {layer.dtype_policy.name for layer in _all_layers(model)}
+    return next((p for p in MIXED_POLICIES if p in names), None)
+
+
+def float32_copy(model: keras.Model) -> keras.Model:
+    """The same network and weights with every layer computing in float32.
+
+    Why: a model trained with mixed_bfloat16 (GPU, AMX CPU) keeps that policy when saved; on a
+    CPU without bf16 instructions its inference is emulated (9x slower measured on an AVX2
+    EPYC). The variables of a mixed-precision model are float32 already, so the copy's
+    weights are bit-identical and only the arithmetic gets more exact."""
+    config = _with_float32_dtypes(model.get_config())
+    copy = model.__class__.from_config(config)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _all_layers(model: keras.Model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+def _with_float32_dtypes(node):
+    """The config tree with each serialized mixed DTypePolicy replaced by float32."""
+    if isinstance(node, dict):
+        if node.get("class_name") == "DTypePolicy" and node.get("config", {}).get("name") in MIXED_POLICIES:
+            return {**node, "config": {**node["config"], "name": "float32"}}
+        return {k: _with_float32_dtypes(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_with_float32_dtypes(v) for v in node]
+    return "float32" if node in MIXED_POLICIES else node

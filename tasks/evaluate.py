@@ -212,7 +212,8 @@ def evaluate_model(model_dir: Path, dataset_dir: Path, eval_dir: Path, cfg: Eval
         external = {"folder": str(test_data), "n": len(ext.paths), **ext.counts, **ext_metrics}
         (ext_dir / "metrics.json").write_text(json.dumps(external, indent=2) + "\n")
     n = len(pred.paths)
-    record = {"split": cfg.split, "n": n, "model_sha256": folder.sha256, "tta": cfg.tta, **metrics}
+    record = {"split": cfg.split, "n": n, "model_sha256": folder.sha256, "tta": cfg.tta,
+              "inference_precision": folder.precision, **metrics}
     if external is not None:
         record["external"] = {k: v for k, v in external.items() if k != "per_class"}
     (eval_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
