@@ -48,7 +48,6 @@ class ModelFolder:
     classes: tuple[str, ...]
     sha256: str                          # of model.keras
     card: dict | None = None             # card.json of a promoted version, if present
-    precision: str | None = None         # the dtype policy inference runs in, set by load()
     _model: object | None = field(default=None, repr=False)
 
     @property
@@ -80,10 +79,16 @@ class ModelFolder:
                                                         f"outputs {n_out}")
             trained_in = mixed_policy(model)
             if trained_in is not None and trained_in != resolve_precision("auto"):
-                model, trained_in = float32_copy(model), None
-            self.precision = trained_in or "float32"
+                model = float32_copy(model)
             self._model = model
         return self._model
+
+    @property
+    def precision(self) -> str:
+        """The dtype policy the loaded model computes in (after load's float32 fallback)."""
+        from hemaflow.models import mixed_policy
+
+        return mixed_policy(self.load()) or "float32"
 
     @property
     def image_size(self) -> int:
