@@ -33,6 +33,8 @@ def tqdm_progress(desc: str) -> Progress:
         if "bar" not in bar:
             bar["bar"] = tqdm(total=total, desc=desc, unit="img", leave=True)
         b = bar["bar"]
+        if total != b.total:  # a stage may revise its estimate (training under a time budget)
+            b.total = total
         b.update(done - b.n)
         if done >= total:
             b.close()

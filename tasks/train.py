@@ -239,17 +239,27 @@ def prepare_output_dir(out_dir: Path, *inputs: Path) -> None:
     out_dir.mkdir(parents=True)
 
 
-def _progress_callback(progress: Progress, epochs: int):
+def _progress_callback(progress: Progress, epochs: int, max_minutes: float | None = None,
+                       spent_seconds: float = 0.0):
     import keras
 
     class EpochProgress(keras.callbacks.Callback):
-        """Reports (epochs done, epochs planned) after each epoch."""
+        """Reports (epochs done, epochs expected) after each epoch. Under a time budget the
+        expected count is what fits in the time left at this run's mean epoch time (capped at
+        `epochs`), so the bar tracks the budget instead of stalling at a fraction of the cap."""
 
         def on_train_begin(self, logs=None):
+            self._t0, self._epochs = time.perf_counter(), 0
             progress(0, epochs)
 
         def on_epoch_end(self, epoch, logs=None):
-            progress(epoch + 1, epochs)
+            self._epochs += 1
+            expected = epochs
+            if max_minutes:
+                elapsed = time.perf_counter() - self._t0
+                left = 60 * max_minutes - spent_seconds - elapsed
+                expected = min(epochs, epoch + 1 + max(0, int(left / (elapsed / self._epochs))))
+            progress(epoch + 1, expected)
 
     return EpochProgress()
 
@@ -522,7 +532,7 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     # and read_epoch_log keeps its last record
     restore = keras.callbacks.BackupAndRestore(str(backup / "checkpoint"), save_freq="epoch", double_checkpoint=True)
     callbacks = [_epoch_log(backup / "epochs.jsonl"), restore, stopper, timer] + ([budget] if budget else []) + (
-        [_progress_callback(progress, cfg.epochs)] if progress else [])
+        [_progress_callback(progress, cfg.epochs, cfg.max_minutes, spent_before)] if progress else [])
     if cfg.lr_schedule == "cosine_time":
         callbacks.append(_time_cosine(cfg, steps_per_epoch, spent_before, resumed_from * steps_per_epoch))
     t0 = time.perf_counter()
@@ -560,7 +570,7 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
         first = resumed_from if resumed_from < epochs_run else 0
     best_epoch = first + int(np.argmin(history[monitor][first:])) + 1
     if progress and epochs_run < cfg.epochs:
-        progress(cfg.epochs, cfg.epochs)  # stopped early: training is complete
+        progress(epochs_run, epochs_run)  # stopped early (patience or time budget): training is complete
 
     calibration = (calibrate_model(model, val_ds, [index[c] for c in val_df["label"]])
                    if cfg.calibrate == "temperature" and val_ds is not None else None)

@@ -73,8 +73,9 @@ def test_outputs_are_complete_and_readable(trained):
 
 def test_progress_is_reported_per_epoch(trained):
     _, result, calls = trained
-    assert calls[0] == (0, CFG.epochs) and calls[-1] == (CFG.epochs, CFG.epochs)
+    assert calls[0] == (0, CFG.epochs) and calls[-1] == (result.epochs_run, result.epochs_run)  # ends full
     assert [d for d, _ in calls[1 : result.epochs_run + 1]] == list(range(1, result.epochs_run + 1))
+    assert all(t == CFG.epochs for _, t in calls[: result.epochs_run + 1])  # no budget: the epoch cap
 
 
 def test_same_seed_gives_the_same_training(trained, tmp_path):
@@ -315,11 +316,15 @@ def test_time_cosine_anneals_within_the_budget(tmp_path):
     _write(tmp_path / "data", per_split={"train": 8, "val": 2, "test": 1}, size=32)
     cfg = _TP(image_size=28, epochs=500, batch_size=8, learning_rate=0.01, lr_schedule="cosine_time",
               max_minutes=0.25, patience=500, warmup_epochs=1)
-    result = _train(tmp_path / "data", tmp_path / "model", cfg, _C, seed=0)
+    calls: list[tuple[int, int]] = []
+    result = _train(tmp_path / "data", tmp_path / "model", cfg, _C, seed=0, progress=lambda d, t: calls.append((d, t)))
     history = json.loads((tmp_path / "model" / "history.json").read_text())
     lr = history["learning_rate"]
     assert result.epochs_run < 500 and sum(history["epoch_seconds"]) <= 0.25 * 60 + 5
     assert max(lr) <= 0.01 + 1e-9 and lr[-1] < 0.25 * max(lr)   # annealed by the end of the budget
+    # progress counts against the epochs that fit in the budget, not the cap of 500
+    assert calls[-1] == (result.epochs_run, result.epochs_run)
+    assert all(t < 500 for _, t in calls[2:]) and calls[len(calls) // 2][1] <= 2 * result.epochs_run
 
 
 def test_batched_dihedral_augmentation_gives_one_of_the_eight_views_per_image():
