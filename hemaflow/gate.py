@@ -150,6 +150,7 @@ def decide(challenger: Scores, champion: Scores | None, *, min_balanced_accuracy
                                 f"{test['method']} McNemar on {challenger.n} paired images: challenger right where "
                                 f"champion wrong {test['c']}, the reverse {test['b']}, p = {test['p_value']:.4g} "
                                 f"{'<' if test['p_value'] < mcnemar_alpha else '>='} alpha {mcnemar_alpha}"
-                                + ("" if sig else " (the difference could be noise)")))
+                                + ("" if sig else " (the challenger is significantly worse)"
+                                   if test["p_value"] < mcnemar_alpha else " (the difference could be noise)")))
     return Decision(passed=all(c.passed for c in checks), checks=checks, challenger=challenger.as_dict(),
                     champion=champion.as_dict() if champion else None, mcnemar=test, thresholds=thresholds)
