@@ -145,12 +145,13 @@ def decide(challenger: Scores, champion: Scores | None, *, min_balanced_accuracy
                             f"(delta {delta:+.4f}; needs > 0 and >= {min_improvement:.4f})"))
         test = mcnemar(champion.correct, challenger.correct)
         if mcnemar_alpha is not None:
-            sig = test["p_value"] < mcnemar_alpha and test["c"] > test["b"]
+            below = test["p_value"] < mcnemar_alpha
+            sig = below and test["c"] > test["b"]
+            verdict = "" if sig else " (the challenger is significantly worse)" if below else \
+                " (the difference could be noise)"
             checks.append(Check("mcnemar", sig,
                                 f"{test['method']} McNemar on {challenger.n} paired images: challenger right where "
                                 f"champion wrong {test['c']}, the reverse {test['b']}, p = {test['p_value']:.4g} "
-                                f"{'<' if test['p_value'] < mcnemar_alpha else '>='} alpha {mcnemar_alpha}"
-                                + ("" if sig else " (the challenger is significantly worse)"
-                                   if test["p_value"] < mcnemar_alpha else " (the difference could be noise)")))
+                                f"{'<' if below else '>='} alpha {mcnemar_alpha}{verdict}"))
     return Decision(passed=all(c.passed for c in checks), checks=checks, challenger=challenger.as_dict(),
                     champion=champion.as_dict() if champion else None, mcnemar=test, thresholds=thresholds)

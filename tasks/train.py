@@ -239,26 +239,25 @@ def prepare_output_dir(out_dir: Path, *inputs: Path) -> None:
     out_dir.mkdir(parents=True)
 
 
-def _progress_callback(progress: Progress, epochs: int, max_minutes: float | None = None,
+def _progress_callback(progress: Progress, epochs: int, timer=None, max_minutes: float | None = None,
                        spent_seconds: float = 0.0):
     import keras
 
     class EpochProgress(keras.callbacks.Callback):
         """Reports (epochs done, epochs expected) after each epoch. Under a time budget the
-        expected count is what fits in the time left at this run's mean epoch time (capped at
-        `epochs`), so the bar tracks the budget instead of stalling at a fraction of the cap."""
+        expected count is what fits in the time left at this run's mean epoch time (from the
+        EpochTimer `timer`, which runs before this callback; capped at `epochs`), so the bar
+        tracks the budget instead of stalling at a fraction of the cap."""
 
         def on_train_begin(self, logs=None):
-            self._t0, self._epochs = time.perf_counter(), 0
             progress(0, epochs)
 
         def on_epoch_end(self, epoch, logs=None):
-            self._epochs += 1
             expected = epochs
-            if max_minutes:
-                elapsed = time.perf_counter() - self._t0
+            if max_minutes and timer is not None and timer.seconds:
+                elapsed = sum(timer.seconds)
                 left = 60 * max_minutes - spent_seconds - elapsed
-                expected = min(epochs, epoch + 1 + max(0, int(left / (elapsed / self._epochs))))
+                expected = min(epochs, epoch + 1 + max(0, int(left / (elapsed / len(timer.seconds)))))
             progress(epoch + 1, expected)
 
     return EpochProgress()
@@ -532,7 +531,7 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     # and read_epoch_log keeps its last record
     restore = keras.callbacks.BackupAndRestore(str(backup / "checkpoint"), save_freq="epoch", double_checkpoint=True)
     callbacks = [_epoch_log(backup / "epochs.jsonl"), restore, stopper, timer] + ([budget] if budget else []) + (
-        [_progress_callback(progress, cfg.epochs, cfg.max_minutes, spent_before)] if progress else [])
+        [_progress_callback(progress, cfg.epochs, timer, cfg.max_minutes, spent_before)] if progress else [])
     if cfg.lr_schedule == "cosine_time":
         callbacks.append(_time_cosine(cfg, steps_per_epoch, spent_before, resumed_from * steps_per_epoch))
     t0 = time.perf_counter()

@@ -47,14 +47,14 @@ def test_good_model_promoted_then_sabotaged_retrain_rejected(tmp_path):
     assert worse.production_version == 1 and "production stays v0001" in worse.reason
     failed = [r for r in worse.reasons if r.startswith("FAIL")]
     # the champion's figure is this host's (1.0 on most hosts; 0.975, one image of 40 wrong, on an AVX-512 EPYC)
-    champion_bal = json.loads((root / "reports" / "promotion.json").read_text())["gate"]["champion"]["balanced_accuracy"]
+    record = json.loads((root / "reports" / "promotion.json").read_text())
+    champion_bal = record["gate"]["champion"]["balanced_accuracy"]
     assert champion_bal >= 0.9
     assert any(r.startswith(f"FAIL min_improvement: balanced accuracy {champion_bal:.4f} ->") for r in failed), worse.reasons
     assert any(r.startswith("FAIL mcnemar") and r.endswith("(the challenger is significantly worse)") for r in failed)
     assert any(r.startswith("FAIL min_class_recall") for r in failed)
     assert store.production("wbc-classifier").version == 1 and store.latest("wbc-classifier").version == 2
 
-    record = json.loads((root / "reports" / "promotion.json").read_text())
     assert record["outcome"] == "rejected" and record["reasons"] == worse.reasons
     assert "| min_improvement | FAIL |" in worse.markdown          # the Prefect markdown artifact's body
     rejected_card = store.resolve("wbc-classifier", 2).card
