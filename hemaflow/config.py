@@ -201,6 +201,9 @@ class TrainParams(_Frozen):
     augmentation_layers: bool = False             # Keras random layers (any-angle rotation, zoom) inside the model
     devices: str = Field("auto", pattern=r"^(auto|cpu|gpu|cpu:[1-9][0-9]*)$")
     patience: int = Field(4, ge=1)  # epochs without val-loss improvement before stopping
+    # cosine_time only: early stopping may stop once this share of max_minutes is spent (the best
+    # epoch is tracked from the start): val loss is noisy while the rate is still high
+    early_stop_after: float = Field(0.5, ge=0, le=1)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)        # decoupled weight decay (any optimizer; adamw's reason to exist)
     momentum: float = Field(0.9, ge=0, lt=1)       # sgd only (Nesterov)

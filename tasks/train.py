@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,6 +312,34 @@ def _time_cosine(cfg: TrainParams, steps_per_epoch: int, spent_seconds: float = 
     return TimeCosine()
 
 
+def _early_stopping(cfg: TrainParams, monitor: str, spent_seconds: float = 0.0):
+    """EarlyStopping with best-weights restore. Under lr_schedule cosine_time it may only stop once
+    early_stop_after of the max_minutes budget is spent: while the rate is high the validation
+    loss jumps from epoch to epoch, and patience 15 cut a 64 px PBC run at epoch 52 of about 140
+    (external accuracy 0.980). The best epoch is tracked from the first epoch either way."""
+    import keras
+
+    hold_until = (60.0 * cfg.max_minutes * cfg.early_stop_after
+                  if cfg.lr_schedule == "cosine_time" and cfg.max_minutes else 0.0)
+
+    class BudgetAwareEarlyStopping(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if spent_seconds + time.perf_counter() - self._t0 >= hold_until:
+                return super().on_epoch_end(epoch, logs)
+            patience, self.patience = self.patience, sys.maxsize  # track the best, never stop
+            try:
+                super().on_epoch_end(epoch, logs)
+                self.wait = 0
+            finally:
+                self.patience = patience
+
+    return BudgetAwareEarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True)
+
+
 def _time_budget(max_minutes: float, spent_seconds: float = 0.0):
     import keras
 
@@ -523,9 +552,9 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
                       loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                       metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
 
-    stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True)
     timer = _epoch_timer()
     spent_before = sum(r["seconds"] for r in done_before)
+    stopper = _early_stopping(cfg, monitor, spent_before)
     budget = _time_budget(cfg.max_minutes, spent_before) if cfg.max_minutes else None
     # the epoch log is written before the checkpoint: a kill in between redoes that epoch,
     # and read_epoch_log keeps its last record

@@ -360,3 +360,26 @@ def test_temperature_calibration_rescales_the_same_training(trained, tmp_path):
     calibrated = keras.models.load_model(tmp_path / "cal" / "model.keras").predict(x, verbose=0)
     np.testing.assert_allclose(calibrated, scale_probs(plain, cal["temperature"]), atol=2e-3)
     assert json.loads((root / "model" / "train_summary.json").read_text())["calibration"] is None
+
+
+@pytest.mark.parametrize("schedule, after, spent, stops_at", [
+    ("cosine_time", 0.5, 0.0, None),    # first half of the budget: tracks the best, never stops
+    ("cosine_time", 0.5, 400.0, 1),     # a resumed job already past half the budget stops as usual
+    ("cosine_time", 0.0, 0.0, 1),
+    ("cosine", 0.5, 0.0, 1),            # epoch-based schedules: plain early stopping
+])
+def test_early_stopping_waits_for_the_time_schedule_to_anneal(schedule, after, spent, stops_at):
+    from hemaflow.tasks.train import _early_stopping
+
+    cfg = TrainParams(epochs=50, patience=1, lr_schedule=schedule, max_minutes=10, early_stop_after=after)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    stopper = _early_stopping(cfg, "val_loss", spent)
+    stopper.set_model(model)
+    stopper.on_train_begin()
+    stopped = None
+    for epoch, loss in enumerate([1.0, 2.0, 3.0, 4.0]):
+        stopper.on_epoch_end(epoch, {"val_loss": loss})
+        if getattr(model, "stop_training", False) and stopped is None:
+            stopped = epoch
+    assert stopped == stops_at
+    assert stopper.best == 1.0 and stopper.best_weights is not None  # the best epoch is tracked throughout
