@@ -147,8 +147,8 @@ def decide(challenger: Scores, champion: Scores | None, *, min_balanced_accuracy
         if mcnemar_alpha is not None:
             below = test["p_value"] < mcnemar_alpha
             sig = below and test["c"] > test["b"]
-            verdict = "" if sig else " (the challenger is significantly worse)" if below else \
-                " (the difference could be noise)"
+            verdict = ("" if sig else " (the challenger is significantly worse)" if below
+                       else " (the difference could be noise)")
             checks.append(Check("mcnemar", sig,
                                 f"{test['method']} McNemar on {challenger.n} paired images: challenger right where "
                                 f"champion wrong {test['c']}, the reverse {test['b']}, p = {test['p_value']:.4g} "
