@@ -133,7 +133,7 @@ def time_pipeline(dataset_dir: Path, cfg: TrainParams, n_batches: int = 40, seed
     train = df[df["split"] == "train"]
     paths = [str(dataset_dir / p) for p in train["path"]]
     labels = [CLASSES.index(c) for c in train["label"]]
-    augment = {"shift_frac": cfg.shift_frac, "colour_jitter": cfg.colour_jitter}
+    augment = {"shift_frac": cfg.shift_frac, "colour_jitter": cfg.colour_jitter, "rotation_deg": cfg.rotation_deg}
 
     def pipeline(aug):
         ds = make_image_dataset(paths, labels, cfg.image_size, cfg.batch_size, shuffle_seed=seed,

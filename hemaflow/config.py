@@ -198,6 +198,7 @@ class TrainParams(_Frozen):
     online_augmentation: bool = False
     shift_frac: float = Field(0.1, ge=0, le=0.5)   # online: shift up to this fraction of the side (reflect fill)
     colour_jitter: float = Field(0.1, ge=0, le=0.5)  # online: brightness/contrast/saturation change up to this
+    rotation_deg: float = Field(0.0, ge=0, le=180)  # online: any-angle turn up to this (45 + the 90-degree views: all)
     augmentation_layers: bool = False             # Keras random layers (any-angle rotation, zoom) inside the model
     devices: str = Field("auto", pattern=r"^(auto|cpu|gpu|cpu:[1-9][0-9]*)$")
     patience: int = Field(4, ge=1)  # epochs without val-loss improvement before stopping

@@ -132,14 +132,44 @@ def augment_batch_dihedral(images, seed):
     return x
 
 
+def augment_batch_rotate(images, seed, max_degrees: float):
+    """Each image of a float (N, H, W, 3) batch turned about its centre by its own uniform angle in
+    [-max_degrees, max_degrees] (bilinear, reflected border), from a stateless seed (shape (2,)).
+    With the 8 flips/90-degree views, 45 degrees reaches every angle: a cell has no 'up'."""
+    import math
+
+    import tensorflow as tf
+
+    angle = tf.random.stateless_uniform(tf.shape(images)[:1], seed, -max_degrees, max_degrees)
+    return rotate_batch(images, angle * (math.pi / 180.0))
+
+
+def rotate_batch(images, radians):
+    """images (N, H, W, C) float, each turned about its centre by radians[i] (bilinear, reflected border)."""
+    import tensorflow as tf
+
+    h, w = tf.cast(tf.shape(images)[1], tf.float32), tf.cast(tf.shape(images)[2], tf.float32)
+    cos, sin = tf.cos(radians), tf.sin(radians)
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    zeros = tf.zeros_like(cos)
+    # output (x, y) <- input (cos*(x-cx) - sin*(y-cy) + cx, sin*(x-cx) + cos*(y-cy) + cy)
+    transforms = tf.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, zeros, zeros], 1)
+    return tf.raw_ops.ImageProjectiveTransformV3(images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
+                                                 fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
+
+
 def make_image_dataset(paths: list[str], labels: list[int], image_size: int, batch_size: int,
                        shuffle_seed: int | None = None, drop_remainder: bool = False, n_classes: int | None = None,
                        augment: dict | None = None, augment_seed: int = 0):
     """tf.data pipeline streaming from the files: decode + resize once, cached as uint8 (a
     quarter of float32's memory), optionally shuffled per epoch and augmented (augment:
-    augment_image keyword arguments; a fresh random view every epoch, reproducible from
-    augment_seed), batched, prefetched. Labels are one-hot when n_classes is given."""
+    augment_image keyword arguments, plus rotation_deg for augment_batch_rotate; a fresh random
+    view every epoch, reproducible from augment_seed), batched, prefetched. Labels are one-hot
+    when n_classes is given."""
     import tensorflow as tf
+
+    augment = dict(augment) if augment is not None else None
+    rotation_deg = float(augment.pop("rotation_deg", 0.0) or 0.0) if augment is not None else 0.0
 
     ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, dtype=np.int32)))
     ds = ds.map(lambda p, y: (tf.cast(load_image(p, image_size), tf.uint8), y),
@@ -165,6 +195,10 @@ def make_image_dataset(paths: list[str], labels: list[int], image_size: int, bat
         return tf.cast(x, tf.float32), (tf.one_hot(y, n_classes) if n_classes is not None else y)
 
     ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if rotation_deg > 0:  # one projective transform per batch (per-image angles), on float pixels
+        seeds = tf.data.Dataset.random(seed=augment_seed + 1, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds).map(lambda xy, s: (augment_batch_rotate(xy[0], s, rotation_deg), xy[1]),
+                                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -524,7 +558,7 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     global_batch = replica_batch_size(cfg.batch_size, len(train_df), replicas)
     per_epoch = len(train_df) // global_batch * global_batch if replicas > 1 else len(train_df)
 
-    augment = ({"shift_frac": cfg.shift_frac, "colour_jitter": cfg.colour_jitter}
+    augment = ({"shift_frac": cfg.shift_frac, "colour_jitter": cfg.colour_jitter, "rotation_deg": cfg.rotation_deg}
                if cfg.online_augmentation else None)
 
     def as_dataset(part: pd.DataFrame, shuffle: bool):
