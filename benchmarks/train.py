@@ -127,13 +127,13 @@ def time_pipeline(dataset_dir: Path, cfg: TrainParams, n_batches: int = 40, seed
     augmentation) vs the same shuffle + batch over in-memory tensors of the same shape."""
     import tensorflow as tf
 
-    from hemaflow.tasks.train import make_image_dataset
+    from hemaflow.tasks.train import make_image_dataset, online_augment_options
 
     df = pd.read_parquet(dataset_dir / "dataset.parquet")
     train = df[df["split"] == "train"]
     paths = [str(dataset_dir / p) for p in train["path"]]
     labels = [CLASSES.index(c) for c in train["label"]]
-    augment = {"shift_frac": cfg.shift_frac, "colour_jitter": cfg.colour_jitter, "rotation_deg": cfg.rotation_deg}
+    augment = online_augment_options(cfg)
 
     def pipeline(aug):
         ds = make_image_dataset(paths, labels, cfg.image_size, cfg.batch_size, shuffle_seed=seed,

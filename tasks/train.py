@@ -158,6 +158,11 @@ def rotate_batch(images, radians):
                                                  fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
 
 
+def online_augment_options(cfg: TrainParams) -> dict:
+    """make_image_dataset's augment options from the train params (used by training and the benchmark)."""
+    return {"shift_frac": cfg.shift_frac, "colour_jitter": cfg.colour_jitter, "rotation_deg": cfg.rotation_deg}
+
+
 def make_image_dataset(paths: list[str], labels: list[int], image_size: int, batch_size: int,
                        shuffle_seed: int | None = None, drop_remainder: bool = False, n_classes: int | None = None,
                        augment: dict | None = None, augment_seed: int = 0):
@@ -169,7 +174,7 @@ def make_image_dataset(paths: list[str], labels: list[int], image_size: int, bat
     import tensorflow as tf
 
     augment = dict(augment) if augment is not None else None
-    rotation_deg = float(augment.pop("rotation_deg", 0.0) or 0.0) if augment is not None else 0.0
+    rotation_deg = augment.pop("rotation_deg", 0.0) if augment is not None else 0.0
 
     ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, dtype=np.int32)))
     ds = ds.map(lambda p, y: (tf.cast(load_image(p, image_size), tf.uint8), y),
@@ -558,8 +563,7 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     global_batch = replica_batch_size(cfg.batch_size, len(train_df), replicas)
     per_epoch = len(train_df) // global_batch * global_batch if replicas > 1 else len(train_df)
 
-    augment = ({"shift_frac": cfg.shift_frac, "colour_jitter": cfg.colour_jitter, "rotation_deg": cfg.rotation_deg}
-               if cfg.online_augmentation else None)
+    augment = online_augment_options(cfg) if cfg.online_augmentation else None
 
     def as_dataset(part: pd.DataFrame, shuffle: bool):
         paths = [str(dataset_dir / p) for p in part["path"]]
