@@ -222,6 +222,9 @@ class TrainParams(_Frozen):
     # temperature: after training, one temperature fitted on the val split (log-loss) is folded
     # into the softmax layer (hemaflow/calibration.py): calibrated probabilities, same argmax
     calibrate: Literal["none", "temperature"] = "none"
+    # file_prefix: learn the subtypes the file names carry (PBC ig/MMY_1.jpg -> ig:MMY) as classes of
+    # their own; a frozen layer sums them back into params' classes (hemaflow/subclasses.py)
+    subclasses: Literal["none", "file_prefix"] = "none"
     # architecture options (each builder uses those it has; see hemaflow/models.py)
     units: int = Field(128, ge=1)                 # mlp hidden units
     kernels: int = Field(64, ge=1)                # shallow_cnn conv kernels

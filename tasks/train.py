@@ -554,7 +554,15 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     if not resumed_from:
         (backup / "epochs.jsonl").unlink(missing_ok=True)
     keras.utils.set_random_seed(seed)
-    index = {c: i for i, c in enumerate(classes)}
+    # the network's outputs: params' classes, or their subtypes (hemaflow/subclasses.py)
+    targets, label_of = classes, df["label"].astype(str)
+    if cfg.subclasses == "file_prefix":
+        from hemaflow.subclasses import subtype_labels, subtype_list
+
+        label_of = pd.Series(subtype_labels(list(label_of), list(df["source_id"].astype(str)),
+                                            list(df["split"] == "train")), index=df.index)
+        targets = subtype_list(list(label_of), classes)
+    index = {c: i for i, c in enumerate(targets)}
     replicas = strategy.num_replicas_in_sync
     if len(train_df) < replicas:
         raise StageInputError(dataset_path, f"{len(train_df)} train row(s) cannot feed {replicas} replicas")
@@ -567,23 +575,23 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
 
     def as_dataset(part: pd.DataFrame, shuffle: bool):
         paths = [str(dataset_dir / p) for p in part["path"]]
-        return make_image_dataset(paths, [index[c] for c in part["label"]], cfg.image_size,
+        return make_image_dataset(paths, [index[c] for c in label_of[part.index]], cfg.image_size,
                                   replica_batch_size(cfg.batch_size, len(part), replicas),
                                   shuffle_seed=seed if shuffle else None, drop_remainder=shuffle and replicas > 1,
-                                  n_classes=len(classes), augment=augment if shuffle else None, augment_seed=seed)
+                                  n_classes=len(targets), augment=augment if shuffle else None, augment_seed=seed)
 
     train_ds = as_dataset(train_df, shuffle=True)
     val_ds = as_dataset(val_df, shuffle=False) if len(val_df) else None
     monitor = "val_loss" if val_ds is not None else "loss"
     steps_per_epoch = len(train_df) // global_batch if replicas > 1 else -(-len(train_df) // global_batch)
-    train_labels = [index[c] for c in train_df["label"]]
-    class_weight = balanced_class_weights(train_labels, len(classes)) if cfg.class_weight == "balanced" else None
+    train_labels = [index[c] for c in label_of[train_df.index]]
+    class_weight = balanced_class_weights(train_labels, len(targets)) if cfg.class_weight == "balanced" else None
 
     with strategy.scope():
         previous_policy = keras.config.dtype_policy()
         keras.config.set_dtype_policy(precision)
         try:
-            model, warm = _initial_model(cfg, classes, seed, init_model, backbone_weights)
+            model, warm = _initial_model(cfg, targets, seed, init_model, backbone_weights)
         finally:
             keras.config.set_dtype_policy(previous_policy)
         model.compile(optimizer=build_optimizer(cfg, steps_per_epoch),
@@ -638,8 +646,12 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     if progress and epochs_run < cfg.epochs:
         progress(epochs_run, epochs_run)  # stopped early (patience or time budget): training is complete
 
-    calibration = (calibrate_model(model, val_ds, [index[c] for c in val_df["label"]])
+    calibration = (calibrate_model(model, val_ds, [index[c] for c in label_of[val_df.index]])
                    if cfg.calibrate == "temperature" and val_ds is not None else None)
+    if targets != classes:  # subtype probabilities summed into params' classes
+        from hemaflow.subclasses import with_class_sum
+
+        model = with_class_sum(model, targets, classes)
     model.save(model_dir / MODEL_FILE)
     (model_dir / LABELS_FILE).write_text(json.dumps(list(classes), indent=2) + "\n")
     (model_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
@@ -661,7 +673,9 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
         "epochs_run": epochs_run, "best_epoch": best_epoch, "monitor": monitor, "best_metrics": result.best,
         "global_batch_size": global_batch, "train_images_per_epoch": per_epoch,
         "val_rows_unused": val_unused, "steps_per_epoch": steps_per_epoch,
-        "class_weight": {classes[i]: round(w, 4) for i, w in class_weight.items()} if class_weight else None,
+        "class_weight": {targets[i]: round(w, 4) for i, w in class_weight.items()} if class_weight else None,
+        "subtypes_train": (label_of[train_df.index].value_counts().reindex(targets, fill_value=0).to_dict()
+                           if targets != classes else None),
         "stopped_by_time_budget": bool(budget and budget.stopped_epoch),
         "resumed_from_epoch": resumed_from,
         "warm_start": ({**warm, "init_model": str(init_model), "init_model_sha256": extra_inputs["init_model"]}
