@@ -58,3 +58,20 @@ def with_class_sum(model, subtypes: tuple[str, ...], classes: tuple[str, ...]):
     out = layer(model.output)
     layer.set_weights([class_sum_matrix(subtypes, classes)])
     return keras.Model(model.input, out, name=model.name)
+
+
+def class_accuracy(subtypes: tuple[str, ...], classes: tuple[str, ...]):
+    """A Keras metric on subtype targets that counts a prediction right when its class is:
+    training curves and val figures then mean what evaluate will report."""
+    import keras
+    from keras import ops
+
+    m = class_sum_matrix(subtypes, classes)
+
+    def class_accuracy(y_true, y_pred):
+        to_class = ops.convert_to_tensor(m)
+        true = ops.argmax(ops.matmul(ops.cast(y_true, "float32"), to_class), axis=-1)
+        pred = ops.argmax(ops.matmul(ops.cast(y_pred, "float32"), to_class), axis=-1)
+        return ops.cast(ops.equal(true, pred), "float32")
+
+    return keras.metrics.MeanMetricWrapper(class_accuracy, name="class_accuracy")

@@ -596,7 +596,7 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
             keras.config.set_dtype_policy(previous_policy)
         model.compile(optimizer=build_optimizer(cfg, steps_per_epoch),
                       loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+                      metrics=_metrics(targets, classes))
 
     timer = _epoch_timer()
     spent_before = sum(r["seconds"] for r in done_before)
@@ -624,7 +624,8 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
             phase2_from = phase1["epochs"] if phase1 else save_first_phase(model, backup)
             _fine_tune(model, strategy, cfg, train_ds, val_ds, class_weight, phase2_from, monitor,
                        [_epoch_log(backup / "epochs.jsonl"), keras.callbacks.BackupAndRestore(
-                           str(backup / FINE_TUNE_CHECKPOINT), save_freq="epoch", double_checkpoint=True), timer])
+                           str(backup / FINE_TUNE_CHECKPOINT), save_freq="epoch", double_checkpoint=True), timer],
+                       _metrics(targets, classes))
     except tf.errors.OpError:
         bad = find_unreadable([str(dataset_dir / p) for p in df["path"]])
         if bad:
@@ -747,8 +748,20 @@ def _initial_model(cfg: TrainParams, classes: tuple[str, ...], seed: int, init_m
     return model, None
 
 
+def _metrics(targets: tuple[str, ...], classes: tuple[str, ...]) -> list:
+    """accuracy over the network's outputs, and over params' classes when those are subtypes."""
+    import keras
+
+    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if targets != classes:
+        from hemaflow.subclasses import class_accuracy
+
+        metrics.append(class_accuracy(targets, classes))
+    return metrics
+
+
 def _fine_tune(model, strategy, cfg: TrainParams, train_ds, val_ds, class_weight, start_epoch: int, monitor: str,
-               callbacks: list) -> None:
+               callbacks: list, metrics: list) -> None:
     """Second phase: the whole network (a frozen base unfrozen) at fine_tune_learning_rate."""
     import keras
 
@@ -760,7 +773,7 @@ def _fine_tune(model, strategy, cfg: TrainParams, train_ds, val_ds, class_weight
                      if cfg.optimizer == "adamw" else keras.optimizers.Adam(cfg.fine_tune_learning_rate))
         model.compile(optimizer=optimizer,
                       loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+                      metrics=metrics)
     stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True)
     model.fit(train_ds, validation_data=val_ds, initial_epoch=start_epoch, epochs=start_epoch + cfg.fine_tune_epochs,
               callbacks=callbacks + [stopper], shuffle=False, verbose=0, class_weight=class_weight)
@@ -776,7 +789,9 @@ def plot_training_curves(history: dict[str, list[float]], best_epoch: int, png_p
 
     epochs = np.arange(1, len(history["loss"]) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for ax, metric, label in ((axes[0], "loss", "Loss (cross-entropy)"), (axes[1], "accuracy", "Accuracy")):
+    accuracy = ("class_accuracy", "Accuracy (classes; trained on subtypes)") if "class_accuracy" in history else (
+        "accuracy", "Accuracy")
+    for ax, (metric, label) in zip(axes, (("loss", "Loss (cross-entropy)"), accuracy)):
         ax.plot(epochs, history[metric], "o-", color="tab:blue", label="train")
         if f"val_{metric}" in history:
             ax.plot(epochs, history[f"val_{metric}"], "s-", color="tab:orange", label="validation")

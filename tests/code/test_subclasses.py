@@ -53,6 +53,9 @@ def test_training_on_subtypes_saves_a_model_over_params_classes(tmp_path, monkey
     summary = json.loads((tmp_path / "model" / "train_summary.json").read_text())
     assert summary["subtypes_train"]["neutrophil:BNE"] == 3 and summary["subtypes_train"]["neutrophil:SNE"] == 3
     assert len(summary["subtypes_train"]) == len(CLASSES) + 1  # the others: one SRC subtype each
+    history = json.loads((tmp_path / "model" / "history.json").read_text())
+    assert len(history["val_class_accuracy"]) == 3  # the accuracy evaluate will report, per epoch
+    assert all(c >= a for c, a in zip(history["val_class_accuracy"], history["val_accuracy"]))
     assert json.loads((tmp_path / "model" / "labels.json").read_text()) == list(CLASSES)
     model = keras.models.load_model(tmp_path / "model" / "model.keras", safe_mode=True)
     assert model.get_layer(HEAD).units == len(CLASSES) + 1
