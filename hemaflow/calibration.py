@@ -24,13 +24,19 @@ def _log_probs(probs: np.ndarray) -> np.ndarray:
     return np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0))
 
 
-def scale_probs(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log p / T): the same as softmax(z / T) for the logits z behind p."""
-    return softmax(_log_probs(probs) / temperature, axis=1)
+def scale_probs(probs: np.ndarray, temperature: float, merge: np.ndarray | None = None) -> np.ndarray:
+    """softmax(log p / T): the same as softmax(z / T) for the logits z behind p; then, with a
+    0/1 merge matrix (subtypes x classes, hemaflow/subclasses.py), summed into classes."""
+    scaled = softmax(_log_probs(probs) / temperature, axis=1)
+    return scaled if merge is None else scaled @ merge
 
 
-def fit_temperature(probs: np.ndarray, y_true: np.ndarray) -> float:
-    """The T in T_BOUNDS minimising the mean negative log-likelihood of y_true (1-D search on log T)."""
+def fit_temperature(probs: np.ndarray, y_true: np.ndarray, merge: np.ndarray | None = None) -> float:
+    """The T in T_BOUNDS minimising the mean negative log-likelihood of y_true (1-D search on log T).
+
+    With merge, probs are over subtypes and y_true over classes: T is fitted for the summed
+    class probabilities the model reports, not for the subtypes (whose own ambiguity, say
+    metamyelocyte against myelocyte, would leave the classes under-confident)."""
     probs, y_true = np.asarray(probs), np.asarray(y_true, dtype=int)
     if len(probs) == 0:
         raise ValueError("temperature scaling needs at least one validation image")
@@ -38,7 +44,9 @@ def fit_temperature(probs: np.ndarray, y_true: np.ndarray) -> float:
     rows = np.arange(len(y_true))
 
     def nll(log_t: float) -> float:
-        return float(-log_softmax(logp / np.exp(log_t), axis=1)[rows, y_true].mean())
+        if merge is None:
+            return float(-log_softmax(logp / np.exp(log_t), axis=1)[rows, y_true].mean())
+        return float(-_log_probs(softmax(logp / np.exp(log_t), axis=1) @ merge)[rows, y_true].mean())
 
     res = minimize_scalar(nll, bounds=tuple(np.log(T_BOUNDS)), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(res.x))

@@ -647,8 +647,13 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     if progress and epochs_run < cfg.epochs:
         progress(epochs_run, epochs_run)  # stopped early (patience or time budget): training is complete
 
-    calibration = (calibrate_model(model, val_ds, [index[c] for c in label_of[val_df.index]])
-                   if cfg.calibrate == "temperature" and val_ds is not None else None)
+    if cfg.calibrate == "temperature" and val_ds is not None:
+        from hemaflow.subclasses import class_sum_matrix
+
+        merge = class_sum_matrix(targets, classes) if targets != classes else None
+        calibration = calibrate_model(model, val_ds, [classes.index(c) for c in val_df["label"]], merge)
+    else:
+        calibration = None
     if targets != classes:  # subtype probabilities summed into params' classes
         from hemaflow.subclasses import with_class_sum
 
@@ -695,17 +700,19 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     return result
 
 
-def calibrate_model(model, val_ds, val_labels: list[int]) -> dict:
+def calibrate_model(model, val_ds, val_labels: list[int], merge: np.ndarray | None = None) -> dict:
     """Temperature scaling on the validation split (hemaflow/calibration.py), in place; the
-    val log-loss and ECE before and after go into train_summary.json."""
+    val log-loss and ECE before and after go into train_summary.json. With merge (a model
+    over subtypes), val_labels are class indices and T is fitted for the summed classes."""
     from hemaflow.calibration import apply_temperature, fit_temperature, scale_probs
     from hemaflow.scoring import log_loss, reliability
 
     probs = model.predict(val_ds, verbose=0)
     y = np.asarray(val_labels)
-    t = fit_temperature(probs, y)
+    t = fit_temperature(probs, y, merge)
     apply_temperature(model, t)
-    after = scale_probs(probs, t)
+    after = scale_probs(probs, t, merge)
+    probs = probs if merge is None else probs @ merge
     return {"method": "temperature", "temperature": round(t, 4), "val_images": int(len(y)),
             "val_log_loss_before": round(log_loss(y, probs), 4), "val_log_loss_after": round(log_loss(y, after), 4),
             "val_ece_before": round(reliability(y, probs)[0], 4), "val_ece_after": round(reliability(y, after)[0], 4)}

@@ -54,3 +54,19 @@ def test_a_model_without_the_softmax_layer_is_refused():
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax", name="out")(inputs))
     with pytest.raises(ValueError, match="no 'probabilities' softmax layer"):
         apply_temperature(model, 2.0)
+
+
+def test_fit_on_subtypes_recovers_the_temperature_of_the_summed_classes():
+    """A model over subtypes (hemaflow/subclasses.py): T is fitted for the class probabilities."""
+    rng = np.random.default_rng(2)
+    merge = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
+    z = rng.normal(0, 2.5, size=(4000, 5))
+    y = np.array([rng.choice(3, p=p / p.sum()) for p in _softmax(z) @ merge])  # calibrated classes
+    shown = _softmax(z / 2.0)                                                      # under-confident
+    t = fit_temperature(shown, y, merge)
+    assert t == pytest.approx(0.5, rel=0.1)
+    fixed = scale_probs(shown, t, merge)
+    assert fixed.shape == (4000, 3)
+    np.testing.assert_allclose(fixed.sum(axis=1), 1.0, atol=1e-6)
+    assert log_loss(y, fixed) < log_loss(y, shown @ merge)
+    assert reliability(y, fixed)[0] < reliability(y, shown @ merge)[0]

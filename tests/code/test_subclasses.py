@@ -61,6 +61,8 @@ def test_training_on_subtypes_saves_a_model_over_params_classes(tmp_path, monkey
     assert model.get_layer(HEAD).units == len(CLASSES) + 1
     summed = model.get_layer(subclasses.CLASS_SUM)
     assert not summed.trainable and summed.kernel.shape == (len(CLASSES) + 1, len(CLASSES))
+    cal = summary["calibration"]  # fitted on the classes the model reports, not the subtypes
+    assert cal["val_images"] == 2 * len(CLASSES) and cal["val_log_loss_after"] <= cal["val_log_loss_before"] + 1e-4
     x = np.stack([load_image(str(data / p), 24).numpy() for p in df["path"][:6]])
     probs = model.predict(x, verbose=0)
     assert probs.shape == (6, len(CLASSES))
