@@ -50,26 +50,25 @@ def class_sum_matrix(subtypes: tuple[str, ...], classes: tuple[str, ...]) -> np.
     return m
 
 
-def with_class_sum(model, subtypes: tuple[str, ...], classes: tuple[str, ...]):
-    """model (softmax over subtypes) followed by a frozen Dense that sums them into classes."""
+def with_class_sum(model, merge: np.ndarray):
+    """model (softmax over subtypes) followed by a frozen Dense with class_sum_matrix's weights,
+    which sums them into classes."""
     import keras
 
-    layer = keras.layers.Dense(len(classes), use_bias=False, trainable=False, dtype="float32", name=CLASS_SUM)
+    layer = keras.layers.Dense(merge.shape[1], use_bias=False, trainable=False, dtype="float32", name=CLASS_SUM)
     out = layer(model.output)
-    layer.set_weights([class_sum_matrix(subtypes, classes)])
+    layer.set_weights([merge])
     return keras.Model(model.input, out, name=model.name)
 
 
-def class_accuracy(subtypes: tuple[str, ...], classes: tuple[str, ...]):
-    """A Keras metric on subtype targets that counts a prediction right when its class is:
-    training curves and val figures then mean what evaluate will report."""
+def class_accuracy(merge: np.ndarray):
+    """A Keras metric on subtype targets that counts a prediction right when its class is
+    (merge: class_sum_matrix): training curves and val figures then mean what evaluate reports."""
     import keras
     from keras import ops
 
-    m = class_sum_matrix(subtypes, classes)
-
     def class_accuracy(y_true, y_pred):
-        to_class = ops.convert_to_tensor(m)
+        to_class = ops.convert_to_tensor(merge)
         true = ops.argmax(ops.matmul(ops.cast(y_true, "float32"), to_class), axis=-1)
         pred = ops.argmax(ops.matmul(ops.cast(y_pred, "float32"), to_class), axis=-1)
         return ops.cast(ops.equal(true, pred), "float32")

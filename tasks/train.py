@@ -555,13 +555,14 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
         (backup / "epochs.jsonl").unlink(missing_ok=True)
     keras.utils.set_random_seed(seed)
     # the network's outputs: params' classes, or their subtypes (hemaflow/subclasses.py)
-    targets, label_of = classes, df["label"].astype(str)
+    targets, label_of, merge = classes, df["label"].astype(str), None
     if cfg.subclasses == "file_prefix":
-        from hemaflow.subclasses import subtype_labels, subtype_list
+        from hemaflow.subclasses import class_sum_matrix, subtype_labels, subtype_list
 
         label_of = pd.Series(subtype_labels(list(label_of), list(df["source_id"].astype(str)),
                                             list(df["split"] == "train")), index=df.index)
         targets = subtype_list(list(label_of), classes)
+        merge = class_sum_matrix(targets, classes) if targets != classes else None  # subtypes -> classes
     index = {c: i for i, c in enumerate(targets)}
     replicas = strategy.num_replicas_in_sync
     if len(train_df) < replicas:
@@ -596,7 +597,7 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
             keras.config.set_dtype_policy(previous_policy)
         model.compile(optimizer=build_optimizer(cfg, steps_per_epoch),
                       loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-                      metrics=_metrics(targets, classes))
+                      metrics=_metrics(merge))
 
     timer = _epoch_timer()
     spent_before = sum(r["seconds"] for r in done_before)
@@ -625,7 +626,7 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
             _fine_tune(model, strategy, cfg, train_ds, val_ds, class_weight, phase2_from, monitor,
                        [_epoch_log(backup / "epochs.jsonl"), keras.callbacks.BackupAndRestore(
                            str(backup / FINE_TUNE_CHECKPOINT), save_freq="epoch", double_checkpoint=True), timer],
-                       _metrics(targets, classes))
+                       _metrics(merge))
     except tf.errors.OpError:
         bad = find_unreadable([str(dataset_dir / p) for p in df["path"]])
         if bad:
@@ -647,17 +648,12 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     if progress and epochs_run < cfg.epochs:
         progress(epochs_run, epochs_run)  # stopped early (patience or time budget): training is complete
 
-    if cfg.calibrate == "temperature" and val_ds is not None:
-        from hemaflow.subclasses import class_sum_matrix
-
-        merge = class_sum_matrix(targets, classes) if targets != classes else None
-        calibration = calibrate_model(model, val_ds, [classes.index(c) for c in val_df["label"]], merge)
-    else:
-        calibration = None
-    if targets != classes:  # subtype probabilities summed into params' classes
+    calibration = (calibrate_model(model, val_ds, [classes.index(c) for c in val_df["label"]], merge)
+                   if cfg.calibrate == "temperature" and val_ds is not None else None)
+    if merge is not None:  # subtype probabilities summed into params' classes
         from hemaflow.subclasses import with_class_sum
 
-        model = with_class_sum(model, targets, classes)
+        model = with_class_sum(model, merge)
     model.save(model_dir / MODEL_FILE)
     (model_dir / LABELS_FILE).write_text(json.dumps(list(classes), indent=2) + "\n")
     (model_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
@@ -681,7 +677,7 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
         "val_rows_unused": val_unused, "steps_per_epoch": steps_per_epoch,
         "class_weight": {targets[i]: round(w, 4) for i, w in class_weight.items()} if class_weight else None,
         "subtypes_train": (label_of[train_df.index].value_counts().reindex(targets, fill_value=0).to_dict()
-                           if targets != classes else None),
+                           if merge is not None else None),
         "stopped_by_time_budget": bool(budget and budget.stopped_epoch),
         "resumed_from_epoch": resumed_from,
         "warm_start": ({**warm, "init_model": str(init_model), "init_model_sha256": extra_inputs["init_model"]}
@@ -755,15 +751,16 @@ def _initial_model(cfg: TrainParams, classes: tuple[str, ...], seed: int, init_m
     return model, None
 
 
-def _metrics(targets: tuple[str, ...], classes: tuple[str, ...]) -> list:
-    """accuracy over the network's outputs, and over params' classes when those are subtypes."""
+def _metrics(merge: np.ndarray | None) -> list:
+    """accuracy over the network's outputs, and over params' classes when those are subtypes
+    (merge: hemaflow/subclasses.py's class_sum_matrix)."""
     import keras
 
     metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
-    if targets != classes:
+    if merge is not None:
         from hemaflow.subclasses import class_accuracy
 
-        metrics.append(class_accuracy(targets, classes))
+        metrics.append(class_accuracy(merge))
     return metrics
 
 
