@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="override a train param (YAML value), e.g. --set learning_rate=0.002")
     ap.add_argument("--holdout-frac", type=float, default=0.1, help="share of PBC set aside as the external folder")
     ap.add_argument("--test-data", type=Path, default=None, help="external labelled folder (instead of a holdout)")
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--seed", type=int, default=42,
+                    help="seed of the held-out external folder (another seed holds out other images)")
     ap.add_argument("--pipeline-only", action="store_true",
                     help="only the input-pipeline figures, on the work dir's augmented data (run once without first)")
     args = ap.parse_args(argv)
