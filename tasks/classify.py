@@ -34,6 +34,9 @@ TOP_K = 3
 CELL_COLUMNS = ("image", "cell", "x0", "y0", "x1", "y1", "label", "probability", "top2_label", "top2_probability",
                 "top3_label", "top3_probability", "flag")
 OVERALL = "ALL"
+# classes without a nucleus: find_white_cells looks for stained nuclei, so it never finds them
+# (a BCCD wbc/rbc/platelet model, PBC's platelet class); folded names, see hemaflow.taxonomy
+NOT_DETECTED = frozenset({"rbc", "red blood cell", "erythrocyte", "platelet", "thrombocyte", "plt"})
 
 
 @dataclass
@@ -48,6 +51,7 @@ class ClassifyResult:
     overlay_dir: Path | None = None
     n_unreadable: int = 0
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
@@ -67,6 +71,8 @@ class ClassifyResult:
             out["json"] = str(self.json_path)
         if self.overlay_dir:
             out["overlays"] = str(self.overlay_dir)
+        for k, w in enumerate(self.warnings, start=1):
+            out[f"warning {k}"] = w
         return out
 
 
@@ -81,6 +87,13 @@ def load_model_dir(model_dir: Path, fallback: Params, folder=None) -> tuple[obje
     if blocks:
         params = Params.model_validate(blocks)
     return folder.load(), folder.classes, params
+
+
+def undetected_classes(classes: tuple[str, ...]) -> list[str]:
+    """The model's classes that the white-cell detector cannot find (no nucleus)."""
+    from hemaflow.taxonomy import fold
+
+    return [c for c in classes if fold(c) in NOT_DETECTED or fold(c).rstrip("s") in NOT_DETECTED]
 
 
 def list_images(inputs: list[Path]) -> list[Path]:
@@ -201,15 +214,20 @@ def classify_smears(model_dir: Path, inputs: list[Path], out_dir: Path, params: 
         return {"cells": int(r["cells"]), "counts": {c: int(r[c]) for c in classes},
                 "percent": {c: float(r[f"{c} %"]) for c in classes}}
 
+    missing = undetected_classes(classes)
+    warnings = [f"the model's classes {', '.join(missing)} have no nucleus: classify finds white (nucleated) "
+                f"cells only, so their counts are only cells mistaken for them, not a count of the smear's "
+                f"{', '.join(missing)}"] if missing else []
     card = folder.card or {}
     json_path = out_dir / "results.json"
     json_path.write_text(json.dumps({
         "model": {"sha256": folder.sha256, "name": card.get("name"), "version": card.get("tag"),
                   "classes": list(classes)},
         "overall": block(OVERALL), "images": {img: block(img) for img in readable},
-        "cells": json.loads(cells.to_json(orient="records")), "unreadable": unreadable,
+        "cells": json.loads(cells.to_json(orient="records")), "unreadable": unreadable, "warnings": warnings,
         "images_per_s": round(len(images) / seconds, 2) if seconds else None,
     }, indent=2) + "\n")
     return ClassifyResult(cells_path, counts_path, review_path, len(images), len(cells),
                           {c: int(diff.loc[OVERALL, c]) for c in classes}, json_path=json_path,
-                          overlay_dir=overlay_dir, n_unreadable=len(unreadable), seconds=seconds)
+                          overlay_dir=overlay_dir, n_unreadable=len(unreadable), seconds=seconds,
+                          warnings=warnings)

@@ -124,3 +124,28 @@ def test_missing_model_file_is_named(tmp_path, smears):
     (tmp_path / "labels.json").write_text("[]")
     with pytest.raises(StageInputError, match="model.keras"):
         classify_smears(tmp_path, [smears / "fields"], tmp_path / "out", Params())
+
+
+def test_classes_without_a_nucleus_are_named_in_a_warning(smears, tmp_path):
+    """A wbc/rbc/platelet model (examples/bccd.params.yaml) counts only what the white-cell
+    detector finds: results.json and the summary say which classes it cannot count."""
+    from hemaflow.models import build_model
+    from hemaflow.tasks.classify import classify_smears, undetected_classes
+
+    assert undetected_classes(("neutrophil", "Platelets", "erythroblast", "RBC")) == ["Platelets", "RBC"]
+    d = tmp_path / "model"
+    d.mkdir()
+    size = Params().train.image_size
+    build_model("small_cnn", (size, size, 3), 3).save(d / "model.keras")
+    (d / "labels.json").write_text(json.dumps(["wbc", "rbc", "platelet"]))
+    res = classify_smears(d, [smears / "fields" / "SmearField_00000.jpg"], tmp_path / "out", Params())
+    warnings = json.loads(res.json_path.read_text())["warnings"]
+    assert len(warnings) == 1 and "rbc, platelet" in warnings[0] and "nucleated" in warnings[0]
+    assert res.summary()["warning 1"] == warnings[0]
+
+
+def test_white_cell_model_has_no_warning(smears, model_dir, tmp_path):
+    from hemaflow.tasks.classify import classify_smears
+
+    res = classify_smears(model_dir, [smears / "fields" / "SmearField_00000.jpg"], tmp_path, Params())
+    assert json.loads(res.json_path.read_text())["warnings"] == [] and "warning 1" not in res.summary()
