@@ -35,8 +35,8 @@ CELL_COLUMNS = ("image", "cell", "x0", "y0", "x1", "y1", "label", "probability",
                 "top3_label", "top3_probability", "flag")
 OVERALL = "ALL"
 # classes without a nucleus: find_white_cells looks for stained nuclei, so it never finds them
-# (a BCCD wbc/rbc/platelet model, PBC's platelet class); folded names, see hemaflow.taxonomy
-NOT_DETECTED = frozenset({"rbc", "red blood cell", "erythrocyte", "platelet", "thrombocyte", "plt"})
+# (a BCCD wbc/rbc/platelet model, PBC's platelet class); class -> spellings, as params' synonyms
+NOT_DETECTED = {"rbc": ("red blood cell", "erythrocyte"), "platelet": ("thrombocyte", "plt")}
 
 
 @dataclass
@@ -91,9 +91,10 @@ def load_model_dir(model_dir: Path, fallback: Params, folder=None) -> tuple[obje
 
 def undetected_classes(classes: tuple[str, ...]) -> list[str]:
     """The model's classes that the white-cell detector cannot find (no nucleus)."""
-    from hemaflow.taxonomy import fold
+    from hemaflow.taxonomy import Taxonomy
 
-    return [c for c in classes if fold(c) in NOT_DETECTED or fold(c).rstrip("s") in NOT_DETECTED]
+    no_nucleus = Taxonomy.build(tuple(NOT_DETECTED), NOT_DETECTED)
+    return [c for c in classes if no_nucleus.canonical(c)]
 
 
 def list_images(inputs: list[Path]) -> list[Path]:
