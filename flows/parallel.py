@@ -36,6 +36,9 @@ def is_transient(task, task_run, state) -> bool:
     return False
 
 
+WORKER_SETUP = "hemaflow.flows.dask_worker"  # run in each worker process (flows/dask_worker.py)
+
+
 def local_cluster(**kwargs: Any) -> LocalCluster:
     """distributed.LocalCluster without Dask's pre-spawn environment for its workers.
 
@@ -43,7 +46,7 @@ def local_cluster(**kwargs: Any) -> LocalCluster:
     writing both into this process's os.environ as well. Measured here, segmenting a field
     then takes 2.7x as long (every image-sized buffer goes back to the OS and is faulted in
     again), and TensorFlow training later in the flow would get one OpenMP thread. Thread
-    pools are limited per batch instead (run_batch).
+    pools are limited per batch instead (run_batch). Each worker runs WORKER_SETUP first.
     """
     import logging
 
@@ -51,7 +54,7 @@ def local_cluster(**kwargs: Any) -> LocalCluster:
                  "distributed.batched", "distributed.http.proxy", "distributed.worker"):
         logging.getLogger(name).setLevel(logging.WARNING)  # cluster start/stop chatter is not a flow log
     with dask.config.set({"distributed.nanny.pre-spawn-environ": {}}):
-        return LocalCluster(**{"silence_logs": logging.WARNING, **kwargs})
+        return LocalCluster(**{"silence_logs": logging.WARNING, "preload": [WORKER_SETUP], **kwargs})
 
 
 def dask_task_runner(cfg: ParallelParams, address: str | None = None) -> DaskTaskRunner:

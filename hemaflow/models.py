@@ -258,6 +258,32 @@ def float32_copy(model: keras.Model) -> keras.Model:
     return copy
 
 
+def resized_copy(model: keras.Model, input_shape: tuple[int, int, int]) -> keras.Model:
+    """The same network and weights taking images of another size (progressive resizing: a
+    model trained fast at 28 px fine-tuned at 64 px).
+
+    Convolutions, batch norm and global pooling do not depend on the image size, so every
+    weight carries over; a network whose weights do (Flatten into Dense, as in the study CNNs)
+    raises ValueError."""
+    have = tuple(model.input_shape[1:])
+    if have[-1] != input_shape[-1]:
+        raise ValueError(f"the model takes {have[-1]}-channel images, not {input_shape[-1]}")
+    config = _with_input_shape(model.get_config(), tuple(input_shape))
+    try:
+        copy = model.__class__.from_config(config)
+        copy.set_weights(model.get_weights())
+    except Exception as exc:  # a layer whose weight shapes follow the image size
+        raise ValueError(f"its weights depend on the image size ({type(exc).__name__}: {str(exc)[:200]})") from None
+    return copy
+
+
+def _with_input_shape(config: dict, input_shape: tuple[int, int, int]) -> dict:
+    """A functional model's config with its InputLayer's batch_shape set to input_shape."""
+    layers_ = [({**layer, "config": {**layer["config"], "batch_shape": [None, *input_shape]}}
+                if layer.get("class_name") == "InputLayer" else layer) for layer in config["layers"]]
+    return {**config, "layers": layers_}
+
+
 def _all_layers(model: keras.Model):
     for layer in model.layers:
         yield layer

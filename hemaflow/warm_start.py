@@ -13,6 +13,8 @@ import keras
 import numpy as np
 from keras import layers
 
+from hemaflow.models import resized_copy
+
 HEAD = "probabilities"  # the softmax layer of every hemaflow model (hemaflow/models.py)
 
 
@@ -20,9 +22,22 @@ def warm_start_model(source: keras.Model, source_classes: tuple[str, ...], class
                      input_shape: tuple[int, int, int], seed: int = 0) -> tuple[keras.Model, dict]:
     """The model to train, built from `source`; and what was reused (for train_summary.json)."""
     have = tuple(source.input_shape[1:])
+    resized = None
     if have != tuple(input_shape):
-        raise ValueError(f"the warm-start model takes {have[0]}x{have[1]}x{have[2]} images but train.image_size gives "
-                         f"{input_shape[0]}x{input_shape[1]}x{input_shape[2]}; set train.image_size: {have[0]}")
+        try:
+            source = resized_copy(source, tuple(input_shape))
+        except ValueError as exc:
+            raise ValueError(f"the warm-start model takes {have[0]}x{have[1]}x{have[2]} images but train.image_size "
+                             f"gives {input_shape[0]}x{input_shape[1]}x{input_shape[2]}, and it cannot be resized: "
+                             f"{exc}; set train.image_size: {have[0]}") from None
+        resized = {"from_image_size": have[0], "to_image_size": input_shape[0]}
+    model, info = _with_head(source, source_classes, classes, seed)
+    return model, {**info, **({"resized": resized} if resized else {})}
+
+
+def _with_head(source: keras.Model, source_classes: tuple[str, ...], classes: tuple[str, ...],
+               seed: int) -> tuple[keras.Model, dict]:
+    """source itself when the class lists match, else source with a new softmax head."""
     if tuple(source_classes) == tuple(classes):
         return source, {"head": "kept", "shared_classes": list(classes), "new_classes": []}
     try:

@@ -147,6 +147,28 @@ def test_warm_start_trains_from_the_promoted_model(tmp_path, source_model, datas
     summary = json.loads((tmp_path / "model" / "train_summary.json").read_text())
     assert summary["warm_start"]["head"] == "new" and summary["warm_start"]["shared_classes"] == list(classes)
     assert json.loads((tmp_path / "model" / "labels.json").read_text()) == list(classes)
-    with pytest.raises(StageInputError, match=r"model\.keras: the warm-start model takes 32x32x3 images"):
-        train_model(sub, tmp_path / "m2", TrainParams(image_size=48, epochs=1, batch_size=4), classes, seed=1,
-                    init_model=source_model)
+
+
+def test_warm_start_at_another_image_size_keeps_every_weight(tmp_path, source_model, dataset):
+    """Progressive resizing: the 32 px model (convolutions + global pooling) continues at 48 px."""
+    source = keras.models.load_model(source_model / "model.keras")
+    model, info = warm_start_model(source, CLASSES, CLASSES, (48, 48, 3))
+    assert model.input_shape == (None, 48, 48, 3) and info["resized"] == {"from_image_size": 32, "to_image_size": 48}
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), source.get_weights()))
+    images = np.random.default_rng(0).integers(0, 256, (2, 48, 48, 3)).astype("float32")
+    assert np.allclose(model.predict(images, verbose=0).sum(axis=1), 1.0, atol=1e-3)
+    train_model(dataset, tmp_path / "model", TrainParams(image_size=48, epochs=1, batch_size=8), CLASSES, seed=1,
+                init_model=source_model)
+    summary = json.loads((tmp_path / "model" / "train_summary.json").read_text())
+    assert summary["warm_start"]["resized"] == {"from_image_size": 32, "to_image_size": 48}
+    assert keras.models.load_model(tmp_path / "model" / "model.keras").input_shape == (None, 48, 48, 3)
+
+
+def test_warm_start_refuses_a_model_whose_weights_follow_the_image_size(tmp_path, dataset):
+    flat = tmp_path / "flat"  # shallow_cnn: Flatten into the softmax, so the head's kernel is sized by the image
+    train_model(dataset, flat, TrainParams(architecture="shallow_cnn", kernels=4, kernel_size=3, image_size=32,
+                                           epochs=1, batch_size=8), CLASSES, seed=3)
+    with pytest.raises(StageInputError, match=r"model\.keras: the warm-start model takes 32x32x3 images .* cannot be "
+                                              r"resized: its weights depend on the image size"):
+        train_model(dataset, tmp_path / "m2", TrainParams(architecture="shallow_cnn", image_size=48, epochs=1,
+                                                          batch_size=4), CLASSES, seed=1, init_model=flat)

@@ -120,9 +120,49 @@ def test_flow_on_scheduler_address_matches_serial(serial, tmp_path, prefect_harn
         run_stage("split", load_params(params_path), tmp_path)
         run_batched_stage("augment", str(params_path))
         ran_here = cluster.scheduler.task_prefixes["run_batch"].state_counts["memory"]
+        from distributed import Client
+
+        from hemaflow.flows import dask_worker
+
+        with Client(cluster) as client:  # every worker ran the preload (a failed heartbeat is one line)
+            assert list(client.run(dask_worker.installed).values()) == [True, True]
     # every batch ran on this cluster's workers, not on a cluster of the runner's own
     n_fields = len(pd.read_parquet(tmp_path / "data" / "labels" / "clean.parquet"))
     n_aug = int(pd.read_parquet(tmp_path / "data" / "augmented" / "dataset.parquet")["augmented"].sum())
     assert ran_here == -(-n_fields // 3) + -(-n_aug // 9)
     assert_same_outputs(serial / "data" / "crops", tmp_path / "data" / "crops")
     assert_same_outputs(serial / "data" / "augmented", tmp_path / "data" / "augmented")
+
+
+def test_a_failed_worker_heartbeat_is_one_warning_line_not_a_traceback():
+    """distributed logs it at ERROR with a traceback though the worker retries; a flow that
+    succeeded printed that in its stderr (flows/dask_worker.py)."""
+    import io
+    import logging
+
+    from hemaflow.flows.dask_worker import HeartbeatHiccup
+
+    logger = logging.getLogger("hemaflow.test.distributed.worker")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.addFilter(HeartbeatHiccup())
+    logger.propagate = False
+    try:
+        try:
+            raise OSError("Stream is closed")
+        except OSError:
+            logger.exception("Failed to communicate with scheduler during heartbeat.")
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logger.exception("Unexpected exception during heartbeat. Closing worker.")
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == ("WARNING Failed to communicate with scheduler during heartbeat (OSError: Stream is closed); "
+                        "the worker retries at the next heartbeat")
+    # any other error keeps its level and traceback
+    assert lines[1] == "ERROR Unexpected exception during heartbeat. Closing worker."
+    assert lines[2] == "Traceback (most recent call last):" and "RuntimeError: boom" in lines[-1]
