@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> dict:
         raw, external, holdout = args.data.resolve(), args.test_data.resolve(), None
     else:
         raw, external, holdout = holdout_split(args.data, work, args.holdout_frac, args.seed)
+    if args.init_model and not args.init_model.resolve().is_relative_to(work / "models"):
+        raise SystemExit(f"--init-model {args.init_model} was not trained in --work-dir {work}: a model from another "
+                         f"split may have seen the held-out folder; train it here first (e.g. --model NAME@28)")
     base = work_params(args.params, work, raw, external)
 
     stage_seconds = {}
@@ -285,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
                                            and result.seconds + init_minutes * 60 <= target[1] * 60
                                            and (not ext or ext["accuracy"] >= target[0])) if target else None)})
         print(f"{tag}: trained {result.seconds / 60:.1f} min"
-              + (f" (+{init_minutes:.1f} min for {args.init_model})" if args.init_model else "") + ", test {ev.metrics['accuracy']:.4f}"
+              + (f" (+{init_minutes:.1f} min for {args.init_model})" if args.init_model else "")
+              + f", test {ev.metrics['accuracy']:.4f}"
               + (f", external {ext['accuracy']:.4f}" if ext else ""), flush=True)
 
     cfg = TrainParams(**train_config(base["train"], specs[0], args))  # the first model's own settings
