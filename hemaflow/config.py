@@ -199,12 +199,19 @@ class TrainParams(_Frozen):
     shift_frac: float = Field(0.1, ge=0, le=0.5)   # online: shift up to this fraction of the side (reflect fill)
     colour_jitter: float = Field(0.1, ge=0, le=0.5)  # online: brightness/contrast/saturation change up to this
     rotation_deg: float = Field(0.0, ge=0, le=180)  # online: any-angle turn up to this (45 + the 90-degree views: all)
+    # online: MixUp's Beta(alpha, alpha) (0 = off; 0.2 as in the paper): each train image blended
+    # with another and the one-hot targets alike
+    mixup_alpha: float = Field(0.0, ge=0, le=1)
     augmentation_layers: bool = False             # Keras random layers (any-angle rotation, zoom) inside the model
     devices: str = Field("auto", pattern=r"^(auto|cpu|gpu|cpu:[1-9][0-9]*)$")
     patience: int = Field(4, ge=1)  # epochs without val-loss improvement before stopping
     # cosine_time only: early stopping may stop once this share of max_minutes is spent (the best
     # epoch is tracked from the start): val loss is noisy while the rate is still high
     early_stop_after: float = Field(0.5, ge=0, le=1)
+    # best: the weights of the epoch with the lowest val loss; last: the final epoch's, the end of
+    # an annealed schedule (a noisy val loss can pick a mid-schedule epoch: 129 of 200 at 40 % of
+    # the peak rate in a 64 px PBC run). Either way best_epoch in train_summary.json is the kept one
+    keep_weights: Literal["best", "last"] = "best"
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)        # decoupled weight decay (any optimizer; adamw's reason to exist)
     momentum: float = Field(0.9, ge=0, lt=1)       # sgd only (Nesterov)
@@ -243,6 +250,12 @@ class TrainParams(_Frozen):
     def _time_schedule_needs_budget(self):
         if self.lr_schedule == "cosine_time" and not self.max_minutes:
             raise ValueError("lr_schedule cosine_time needs max_minutes (the time the cosine spans)")
+        return self
+
+    @model_validator(mode="after")
+    def _mixup_is_online(self):
+        if self.mixup_alpha > 0 and not self.online_augmentation:
+            raise ValueError("mixup_alpha mixes train batches in tf.data: it needs online_augmentation: true")
         return self
 
     @model_validator(mode="after")

@@ -160,7 +160,26 @@ def rotate_batch(images, radians):
 
 def online_augment_options(cfg: TrainParams) -> dict:
     """make_image_dataset's augment options from the train params (used by training and the benchmark)."""
-    return {"shift_frac": cfg.shift_frac, "colour_jitter": cfg.colour_jitter, "rotation_deg": cfg.rotation_deg}
+    return {"shift_frac": cfg.shift_frac, "colour_jitter": cfg.colour_jitter, "rotation_deg": cfg.rotation_deg,
+            "mixup_alpha": cfg.mixup_alpha}
+
+
+def mixup_batch(images, labels, seed, alpha: float):
+    """MixUp (Zhang et al. 2018): each image of a float (N, H, W, 3) batch and its one-hot label
+    blended with another image of the batch, weight w ~ Beta(alpha, alpha) per image, targets alike.
+    Stateless TF ops from a seed of shape (2,), as the other online views, so a run repeats
+    (keras.layers.MixUp draws from a stateful SeedGenerator and takes no per-batch seed)."""
+    import tensorflow as tf
+
+    s = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=3)
+    n = tf.shape(images)[0]
+    partner = tf.argsort(tf.random.stateless_uniform((n,), s[0]))
+    a = tf.random.stateless_gamma((n,), s[1], alpha)
+    b = tf.random.stateless_gamma((n,), s[2], alpha)
+    w = a / tf.maximum(a + b, 1e-12)   # Beta(alpha, alpha) as a ratio of gammas
+    x = w[:, None, None, None] * images + (1.0 - w[:, None, None, None]) * tf.gather(images, partner)
+    wl = tf.cast(w[:, None], labels.dtype)
+    return x, wl * labels + (1 - wl) * tf.gather(labels, partner)
 
 
 def make_image_dataset(paths: list[str], labels: list[int], image_size: int, batch_size: int,
@@ -175,6 +194,9 @@ def make_image_dataset(paths: list[str], labels: list[int], image_size: int, bat
 
     augment = dict(augment) if augment is not None else None
     rotation_deg = augment.pop("rotation_deg", 0.0) if augment is not None else 0.0
+    mixup_alpha = augment.pop("mixup_alpha", 0.0) if augment is not None else 0.0
+    if mixup_alpha > 0 and n_classes is None:
+        raise ValueError("mixup needs one-hot labels (n_classes)")
 
     ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, dtype=np.int32)))
     ds = ds.map(lambda p, y: (tf.cast(load_image(p, image_size), tf.uint8), y),
@@ -203,6 +225,10 @@ def make_image_dataset(paths: list[str], labels: list[int], image_size: int, bat
     if rotation_deg > 0:  # one projective transform per batch (per-image angles), on float pixels
         seeds = tf.data.Dataset.random(seed=augment_seed + 1, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip(ds, seeds).map(lambda xy, s: (augment_batch_rotate(xy[0], s, rotation_deg), xy[1]),
+                                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if mixup_alpha > 0:  # last: mixes the augmented views, per batch
+        seeds = tf.data.Dataset.random(seed=augment_seed + 2, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds).map(lambda xy, s: mixup_batch(xy[0], xy[1], s, mixup_alpha),
                                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -376,7 +402,8 @@ def _early_stopping(cfg: TrainParams, monitor: str, spent_seconds: float = 0.0):
             finally:
                 self.patience = patience
 
-    return BudgetAwareEarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True)
+    return BudgetAwareEarlyStopping(monitor=monitor, patience=cfg.patience,
+                                    restore_best_weights=cfg.keep_weights == "best")
 
 
 def _time_budget(max_minutes: float, spent_seconds: float = 0.0):
@@ -644,7 +671,8 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
         first = resumed_from if phase2_from <= resumed_from < epochs_run else phase2_from
     else:
         first = resumed_from if resumed_from < epochs_run else 0
-    best_epoch = first + int(np.argmin(history[monitor][first:])) + 1
+    lowest_epoch = first + int(np.argmin(history[monitor][first:])) + 1
+    best_epoch = epochs_run if cfg.keep_weights == "last" else lowest_epoch  # the epoch whose weights are kept
     if progress and epochs_run < cfg.epochs:
         progress(epochs_run, epochs_run)  # stopped early (patience or time budget): training is complete
 
@@ -672,7 +700,8 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
         "params": cfg.model_dump(), "classes": list(classes), "seed": seed,
         "n_images": n_images,
         "n_images_per_class_train": train_df["label"].value_counts().reindex(classes, fill_value=0).to_dict(),
-        "epochs_run": epochs_run, "best_epoch": best_epoch, "monitor": monitor, "best_metrics": result.best,
+        "epochs_run": epochs_run, "best_epoch": best_epoch, "keep_weights": cfg.keep_weights,
+        "lowest_monitor_epoch": lowest_epoch, "monitor": monitor, "best_metrics": result.best,
         "global_batch_size": global_batch, "train_images_per_epoch": per_epoch,
         "val_rows_unused": val_unused, "steps_per_epoch": steps_per_epoch,
         "class_weight": {targets[i]: round(w, 4) for i, w in class_weight.items()} if class_weight else None,
@@ -778,7 +807,8 @@ def _fine_tune(model, strategy, cfg: TrainParams, train_ds, val_ds, class_weight
         model.compile(optimizer=optimizer,
                       loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                       metrics=metrics)
-    stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True)
+    stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience,
+                                            restore_best_weights=cfg.keep_weights == "best")
     model.fit(train_ds, validation_data=val_ds, initial_epoch=start_epoch, epochs=start_epoch + cfg.fine_tune_epochs,
               callbacks=callbacks + [stopper], shuffle=False, verbose=0, class_weight=class_weight)
 

@@ -424,3 +424,66 @@ def test_pipeline_rotation_keeps_shapes_and_is_only_for_training(tmp_path):
     assert float(x.numpy().min()) >= 0 and float(x.numpy().max()) <= 255
     assert aug["rotation_deg"] == 45.0  # the caller's dict is not consumed
     assert not np.array_equal(np.round(x.numpy()), x.numpy())  # bilinear: in-between values, unlike the plain cache
+
+
+def test_mixup_blends_each_image_and_its_target_with_the_same_partner_and_weight():
+    import tensorflow as tf
+
+    from hemaflow.tasks.train import mixup_batch
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (32, 6, 6, 3)).astype("float32")
+    y = np.eye(4, dtype="float32")[np.arange(32) % 4]
+    xm, ym = (t.numpy() for t in mixup_batch(tf.constant(x), tf.constant(y), tf.constant([1, 2], tf.int64), 0.2))
+    assert xm.shape == x.shape and ym.shape == y.shape
+    np.testing.assert_allclose(ym.sum(1), 1.0, atol=1e-6)   # still a distribution over the classes
+    mixed = 0
+    for i in range(32):  # xm[i] = w x[i] + (1 - w) x[j]; the label is mixed with the same w and j
+        fits = [(j, w) for j in range(32) for w in [_blend_weight(x[i], x[j], xm[i])]
+                if w is not None and np.allclose(w * y[i] + (1 - w) * y[j], ym[i], atol=1e-4)]
+        assert fits, f"image {i} is not a blend of two batch images matching its label"
+        mixed += any(1e-3 < w < 1 - 1e-3 and j != i for j, w in fits)
+    assert mixed >= 8  # Beta(0.2, 0.2) sits near 0 or 1 but not always
+    again = mixup_batch(tf.constant(x), tf.constant(y), tf.constant([1, 2], tf.int64), 0.2)[0].numpy()
+    np.testing.assert_array_equal(again, xm)  # stateless: the same seed, the same mix
+
+
+def _blend_weight(a, b, out):
+    """w with out = w a + (1 - w) b (least squares), or None if no such w fits."""
+    d = (a - b).ravel()
+    if not d.any():
+        return 1.0 if np.allclose(a, out, atol=1e-2) else None
+    w = float(np.dot(out.ravel() - b.ravel(), d) / np.dot(d, d))
+    return w if np.allclose(w * a + (1 - w) * b, out, atol=1e-2) else None
+
+
+def test_mixup_runs_in_the_training_pipeline_and_needs_online_augmentation(tmp_path):
+    with pytest.raises(ValueError, match="mixup_alpha .* needs online_augmentation"):
+        TrainParams(mixup_alpha=0.2)
+    df = write_dataset(tmp_path, {"train": 2}, size=20)
+    paths = [str(tmp_path / p) for p in df["path"]]
+    labels = [CLASSES.index(c) for c in df["label"]]
+    aug = {"shift_frac": 0.0, "colour_jitter": 0.0, "rotation_deg": 0.0, "mixup_alpha": 0.4}
+    ds = make_image_dataset(paths, labels, 16, len(paths), shuffle_seed=0, n_classes=len(CLASSES), augment=aug)
+    x, y = next(iter(ds))
+    assert tuple(x.shape[1:]) == (16, 16, 3) and aug["mixup_alpha"] == 0.4
+    y = y.numpy()
+    np.testing.assert_allclose(y.sum(1), 1.0, atol=1e-6)
+    assert ((y > 1e-3) & (y < 1 - 1e-3)).any()  # soft targets: some images were blended
+    plain = make_image_dataset(paths, labels, 16, len(paths), n_classes=len(CLASSES))
+    assert set(np.unique(next(iter(plain))[1].numpy())) == {0.0, 1.0}  # no mixing outside training
+
+
+def test_keep_last_weights_keeps_the_final_epoch_not_the_lowest_val_loss(trained, tmp_path):
+    root, result, _ = trained
+    cfg = CFG.model_copy(update={"keep_weights": "last", "patience": CFG.epochs})
+    last = train_model(root / "data", tmp_path / "model", cfg, CLASSES, SEED)
+    summary = json.loads((tmp_path / "model" / "train_summary.json").read_text())
+    history = json.loads((tmp_path / "model" / "history.json").read_text())
+    assert last.best_epoch == last.epochs_run == summary["best_epoch"] and summary["keep_weights"] == "last"
+    assert summary["lowest_monitor_epoch"] == int(np.argmin(history["val_loss"])) + 1
+    model = keras.models.load_model(tmp_path / "model" / "model.keras")
+    val = pd.read_parquet(root / "data" / "dataset.parquet").query("split == 'val'")
+    x = np.stack([load_image(str(root / "data" / p), CFG.image_size).numpy() for p in val["path"]])
+    acc = float(np.mean(model.predict(x, verbose=0).argmax(1) == [CLASSES.index(c) for c in val["label"]]))
+    assert acc == pytest.approx(history["val_accuracy"][-1])  # the final epoch's weights
