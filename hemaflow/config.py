@@ -270,6 +270,9 @@ class EvaluateParams(_Frozen):
     tta: bool = False                              # average the 8 flips/90-degree rotations of each crop
     calibration_bins: int = Field(15, ge=2)        # equal-width confidence bins for ECE / reliability diagram
     gallery_size: int = Field(24, ge=0)            # misclassified crops shown in error_gallery.png
+    # errors the model calls with at least this probability go to label_review.csv: more often a
+    # wrong label than a wrong model (PBC: a "platelet" that is a small nucleated cell, p 0.996)
+    label_review_confidence: float = Field(0.95, gt=0, le=1)
 
 
 class PromoteParams(_Frozen):

@@ -65,6 +65,31 @@ def test_predictions_and_confusion_agree_with_metrics(evaluated):
     assert cm.values.sum() == 40 and np.trace(cm.values) / 40 == pytest.approx(result.metrics["accuracy"])
 
 
+def test_label_review_lists_the_confident_errors_of_the_run(evaluated):
+    root, _ = evaluated
+    preds = pd.read_csv(root / "eval" / "predictions.csv")
+    review = pd.read_csv(root / "eval" / "label_review.csv")
+    sure = preds[(preds["label"] != preds["predicted"]) & (preds["confidence"] >= TEST_CFG.label_review_confidence)]
+    assert sorted(review["item"]) == sorted(sure["path"])
+    assert json.loads((root / "eval" / "metrics.json").read_text())["label_review"] == len(sure)
+
+
+def test_label_review_keeps_only_errors_called_surely(tmp_path):
+    """A sure error is listed with both probabilities; an unsure error and a sure right call are not."""
+    from hemaflow.tasks.evaluate import SplitPredictions, write_label_review
+
+    pred = SplitPredictions(paths=["images/a/1.png", "images/b/2.png", "images/a/3.png"], labels=["a", "b", "a"],
+                            classes=("a", "b"), probs=np.array([[0.02, 0.98], [0.6, 0.4], [0.99, 0.01]]))
+    df = write_label_review(pred, tmp_path / "data", 0.95, tmp_path / "label_review.csv")
+    assert list(df["item"]) == ["images/a/1.png"] and df["reason"][0] == "confident_disagreement"
+    assert df["path"][0] == str(tmp_path / "data" / "images/a/1.png")
+    assert "labelled a" in df["detail"][0] and "says b with probability 0.980" in df["detail"][0]
+    assert "(a: 0.020)" in df["detail"][0]
+    assert pd.read_csv(tmp_path / "label_review.csv").equals(df)
+    empty = write_label_review(pred, tmp_path, 0.999, tmp_path / "none.csv")
+    assert empty.empty and (tmp_path / "none.csv").read_text().strip()  # header only, still a file for DVC
+
+
 @pytest.mark.parametrize("picture", ["confusion_matrix.png", "reliability_diagram.png", "error_gallery.png",
                                      "error_ranks.png"])
 def test_pictures_are_real_plots(evaluated, picture):
@@ -127,6 +152,7 @@ def test_external_test_folder_is_prepared_like_training_and_drops_seen_images(tr
     assert e["dropped_seen_in_training"] == 1 and e["n"] == 40 and e["images"] == 41
     assert abs(e["accuracy"] - metrics["accuracy"]) <= 0.15   # same images, re-cropped from the files
     assert (tmp_path / "eval" / "external" / "confusion_matrix.png").is_file()
+    assert (tmp_path / "eval" / "external" / "label_review.csv").is_file()
     assert "external" in result.markdown and result.summary()["external n"] == 40
 
 
