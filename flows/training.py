@@ -165,6 +165,7 @@ def training_pipeline(params_path: str = "params.yaml", force: bool = False) -> 
         "train_job": next((o["job"] for o in outcomes if "job" in o), None),
         "reports": {"metrics": str(paths.eval_dir / "metrics.json"),
                     "confusion": str(paths.eval_dir / "confusion_matrix.png"),
-                    "review lists": f"{paths.labels_dir / 'review.csv'}, {paths.crops_dir / 'review.csv'}",
+                    "review lists": f"{paths.labels_dir / 'review.csv'}, {paths.crops_dir / 'review.csv'}, "
+                                    f"{paths.eval_dir / 'label_review.csv'}",
                     "quality": str(paths.quality_dir / "report.md")},
     }
