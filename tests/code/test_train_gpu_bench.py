@@ -75,3 +75,40 @@ def test_measure_trains_and_scores_a_tiny_pack(bench, tmp_path, capsys):
     assert trained["subtypes"] == 3  # basophil, ig:MMY, ig:MY
     assert trained["test"]["n"] == (split == "test").sum() and trained["external"]["n"] == (split == "external").sum()
     assert trained["test"]["accuracy"] >= 0.9 and trained["external"]["accuracy"] >= 0.9
+
+
+def test_pack_reads_the_pipelines_crops_and_the_scored_external_folder(bench, tmp_path):
+    """pack: the non-augmented rows of dataset.parquet with their splits and subtypes, then the
+    external crops evaluate scored; pixels in RGB order, names kept for the error lists."""
+    import cv2
+    import pandas as pd
+
+    work = tmp_path / "work"
+    rows = []
+    for i, (label, prefix, split) in enumerate([("ig", "MMY", "train"), ("ig", "MY", "test"),
+                                                ("neutrophil", "BNE", "train"), ("ig", "MMY", "train")]):
+        rel = f"images/{label}/{prefix}_{i}_c0.png"
+        img = np.zeros((20, 20, 3), np.uint8)
+        img[..., 2] = 200  # red in OpenCV's BGR
+        (work / "augmented" / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(work / "augmented" / rel), img)
+        rows.append({"path": rel, "label": label, "split": split, "source_id": f"{label}/{prefix}_{i}",
+                     "augmented": False})
+    rows.append({**rows[0], "path": "images/ig/aug.png", "augmented": True})  # never packed
+    pd.DataFrame(rows).to_parquet(work / "augmented" / "dataset.parquet")
+    ext = work / "eval" / "m" / "external"
+    (ext / "crops" / "images" / "basophil").mkdir(parents=True)
+    cv2.imwrite(str(ext / "crops" / "images" / "basophil" / "BA_9_c0.png"), np.full((20, 20, 3), 90, np.uint8))
+    pd.DataFrame({"path": ["images/basophil/BA_9_c0.png"], "label": ["basophil"]}).to_csv(ext / "predictions.csv")
+
+    out = tmp_path / "pack.npz"
+    bench.pack(work, out, size=16, model_tag="m")
+    x, split, cls, fine, names = bench.load(out)
+    assert x.shape == (5, 16, 16, 3) and list(split) == ["train", "test", "train", "train", "external"]
+    assert x[0, ..., 0].mean() > 150 and x[0, ..., 2].mean() < 40  # RGB, as the training job reads it
+    assert [bench.CLASSES[c] for c in cls] == ["ig", "ig", "neutrophil", "ig", "basophil"]
+    # MMY has 2 train images and MY none: below MIN_SUBTYPE_IMAGES (10) every row stays its class
+    assert list(fine) == ["ig", "ig", "neutrophil", "ig", "basophil"]
+    assert names[-1] == "basophil/BA_9_c0.png"
+    with pytest.raises(SystemExit, match="predictions.csv"):
+        bench.pack(work, out, size=16, model_tag="other")
