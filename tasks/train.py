@@ -469,6 +469,35 @@ def open_resume_dir(model_dir: Path, fingerprint: str) -> tuple[Path, list[dict]
     return folder, read_epoch_log(folder / "epochs.jsonl")
 
 
+def repair_checkpoint(folder: Path) -> str:
+    """Make a checkpoint folder that a kill cut mid-save loadable again: 'ok', 'previous' or 'discarded'.
+
+    keras.callbacks.BackupAndRestore truncates training_metadata.json before it writes it, and
+    falls back to its previous (.bkp) checkpoint only when the weights file is torn (OSError), so
+    a kill between the truncation and the write (the test kills right after an epoch is logged,
+    which is when the checkpoint is saved) left an empty file on which the next run died with a
+    JSONDecodeError. Here the previous weights + metadata pair replaces a torn metadata file; with
+    no readable previous pair the checkpoint is dropped and the job starts over (nothing else to trust)."""
+    meta, weights = folder / "training_metadata.json", folder / "latest.weights.h5"
+    if not meta.exists() or _metadata_epoch(meta) is not None:
+        return "ok"
+    prev_meta, prev_weights = Path(f"{meta}.bkp"), Path(f"{weights}.bkp")
+    if _metadata_epoch(prev_meta) is not None and prev_weights.is_file():
+        shutil.copyfile(prev_weights, weights)
+        shutil.copyfile(prev_meta, meta)
+        return "previous"
+    for path in (meta, weights, prev_meta, prev_weights):
+        path.unlink(missing_ok=True)
+    return "discarded"
+
+
+def _metadata_epoch(path: Path) -> int | None:
+    try:
+        return int(json.loads(path.read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def checkpoint_epoch(folder: Path, checkpoint: str = "checkpoint") -> int:
     """Epochs completed by a checkpoint in a resume folder (0: none, start from scratch)."""
     meta = folder / checkpoint / "training_metadata.json"
@@ -575,6 +604,8 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     backup, done_before = open_resume_dir(model_dir, training_fingerprint(cfg, classes, seed, dataset_path,
                                                                           extra_inputs))
     phase1 = finished_first_phase(backup) if cfg.fine_tune_epochs else None
+    for checkpoint in ("checkpoint", FINE_TUNE_CHECKPOINT):
+        repair_checkpoint(backup / checkpoint)
     resumed_from = checkpoint_epoch(backup, FINE_TUNE_CHECKPOINT if phase1 else "checkpoint") or (
         phase1["epochs"] if phase1 else 0)
     done_before = [r for r in done_before if r["epoch"] <= resumed_from]

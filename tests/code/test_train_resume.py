@@ -118,3 +118,62 @@ def test_job_killed_while_fine_tuning_keeps_its_first_phase(tmp_path):
     assert history["epoch_seconds"][:3] == [r["seconds"] for r in before[:3]]  # first phase not redone
     assert summary["best_epoch"] > summary["resumed_from_epoch"]
     assert not resume_dir(model_dir).exists()
+
+
+def test_repair_checkpoint_replaces_torn_metadata_with_the_previous_pair(tmp_path):
+    from hemaflow.tasks.train import repair_checkpoint
+
+    ckpt = tmp_path / "checkpoint"
+    assert repair_checkpoint(ckpt) == "ok"  # no checkpoint yet
+    ckpt.mkdir()
+    (ckpt / "latest.weights.h5").write_bytes(b"epoch 5")
+    (ckpt / "training_metadata.json").write_text(json.dumps({"epoch": 5, "batch": 0}))
+    assert repair_checkpoint(ckpt) == "ok"
+    (ckpt / "latest.weights.h5.bkp").write_bytes(b"epoch 4")
+    (ckpt / "training_metadata.json.bkp").write_text(json.dumps({"epoch": 4, "batch": 0}))
+    (ckpt / "training_metadata.json").write_text("")  # truncated by the kill, never written
+    assert repair_checkpoint(ckpt) == "previous"
+    assert (ckpt / "latest.weights.h5").read_bytes() == b"epoch 4"
+    assert json.loads((ckpt / "training_metadata.json").read_text())["epoch"] == 4
+    (ckpt / "training_metadata.json").write_text('{"epo')
+    (ckpt / "training_metadata.json.bkp").write_text("")
+    assert repair_checkpoint(ckpt) == "discarded"  # nothing readable: start over
+    assert not any(ckpt.iterdir())
+
+
+def test_torn_checkpoint_metadata_resumes_from_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A kill between BackupAndRestore truncating training_metadata.json and writing it left an
+    empty file on which the next run died with a JSONDecodeError (a fresh-clone `make test`,
+    2026-12-04). Here a crash after epoch 4's checkpoint, then the torn file, then the rerun."""
+    import hemaflow.tasks.train as train_mod
+
+    _project(tmp_path, TRAIN)
+    cfg = TrainParams(**{**TRAIN, "epochs": 8})
+    model_dir = tmp_path / "models" / "candidate"
+    real_timer = train_mod._epoch_timer
+
+    def crashing_timer():
+        timer = real_timer()
+        end = timer.on_epoch_end
+
+        def on_epoch_end(epoch, logs=None):
+            end(epoch, logs)
+            if epoch == 3:  # after the checkpoint callback saved epoch 4
+                raise RuntimeError("node lost")
+
+        timer.on_epoch_end = on_epoch_end
+        return timer
+
+    monkeypatch.setattr(train_mod, "_epoch_timer", crashing_timer)
+    with pytest.raises(RuntimeError, match="node lost"):
+        train_model(tmp_path / "data" / "augmented", model_dir, cfg, CLASSES, seed=1)
+    ckpt = resume_dir(model_dir) / "checkpoint"
+    assert json.loads((ckpt / "training_metadata.json").read_text())["epoch"] == 4
+    assert json.loads((ckpt / "training_metadata.json.bkp").read_text())["epoch"] == 3
+    (ckpt / "training_metadata.json").write_text("")
+
+    monkeypatch.setattr(train_mod, "_epoch_timer", real_timer)
+    result = train_model(tmp_path / "data" / "augmented", model_dir, cfg, CLASSES, seed=1)
+    summary = json.loads((model_dir / "train_summary.json").read_text())
+    assert summary["resumed_from_epoch"] == 3 and result.epochs_run == 8  # epoch 4 redone, none lost
+    assert len(json.loads((model_dir / "history.json").read_text())["loss"]) == 8
