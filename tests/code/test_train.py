@@ -327,6 +327,23 @@ def test_time_cosine_anneals_within_the_budget(tmp_path):
     assert all(t < 500 for _, t in calls[2:]) and calls[len(calls) // 2][1] <= 2 * result.epochs_run
 
 
+def test_time_cosine_anneals_by_the_epoch_cap_when_it_comes_first(tmp_path):
+    """A host (or GPU) fast enough to reach the epoch cap long before the time budget ends must
+    still end on an annealed rate, not stop at the rate the clock had reached."""
+    from hemaflow.config import TrainParams as _TP
+    from hemaflow.tasks.train import train_model as _train
+    from tests.code.synthetic_wbc import CLASSES as _C, write_dataset as _write
+
+    _write(tmp_path / "data", per_split={"train": 8, "val": 2, "test": 1}, size=32)
+    cfg = _TP(image_size=28, epochs=6, batch_size=8, learning_rate=0.01, lr_schedule="cosine_time",
+              max_minutes=30, patience=500, warmup_epochs=1)
+    result = _train(tmp_path / "data", tmp_path / "model", cfg, _C, seed=0)
+    lr = json.loads((tmp_path / "model" / "history.json").read_text())["learning_rate"]
+    assert result.epochs_run == 6 and max(lr) == pytest.approx(0.01, rel=1e-3)
+    assert all(a >= b for a, b in zip(lr[1:], lr[2:]))  # falls after the warm-up
+    assert lr[-1] < 0.01 * 0.01   # on time alone (seconds of a 30-minute budget) it would still be ~0.01
+
+
 def test_batched_dihedral_augmentation_gives_one_of_the_eight_views_per_image():
     import tensorflow as tf
 
