@@ -180,7 +180,8 @@ def write_report(out_dir: Path, pred: SplitPredictions, image_root: Path, cfg: E
     errors = ranks[is_wrong]
     plot_rank_histogram(errors, len(classes), out_dir / "error_ranks.png",
                         title=f"{name}: rank of the true class over {len(errors)} errors")
-    return {**overall, "label_review": n_review, "error_rank_counts": {str(r): int((errors == r).sum()) for r in range(2, len(classes) + 1)},
+    return {**overall, "label_review": n_review,
+            "error_rank_counts": {str(r): int((errors == r).sum()) for r in range(2, len(classes) + 1)},
             "per_class": per_class}
 
 
@@ -195,8 +196,8 @@ def write_label_review(pred: SplitPredictions, image_root: Path, min_confidence:
     items = [ReviewItem("evaluate", pred.paths[i], str(image_root / pred.paths[i]), "confident_disagreement",
                         f"labelled {pred.labels[i]}; the model says {pred.classes[y_pred[i]]} with probability "
                         f"{conf[i]:.3f} ({pred.labels[i]}: {probs[i, y_true[i]]:.3f}); check the label")
-             for i in rows[np.argsort(-conf[rows], kind="stable")]]
-    return write_review(items, path)
+             for i in rows]
+    return write_review(items, path)  # sorted by reason and item there
 
 
 def _read_rgb(path: Path) -> np.ndarray:

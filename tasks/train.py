@@ -505,11 +505,8 @@ def _metadata_epoch(path: Path) -> int | None:
 
 def checkpoint_epoch(folder: Path, checkpoint: str = "checkpoint") -> int:
     """Epochs completed by a checkpoint in a resume folder (0: none, start from scratch)."""
-    meta = folder / checkpoint / "training_metadata.json"
-    try:
-        return int(json.loads(meta.read_text())["epoch"]) if (folder / checkpoint / "latest.weights.h5").is_file() else 0
-    except (OSError, ValueError, KeyError):
-        return 0
+    epoch = _metadata_epoch(folder / checkpoint / "training_metadata.json")
+    return epoch if epoch is not None and (folder / checkpoint / "latest.weights.h5").is_file() else 0
 
 
 # the first phase of a two-phase job (frozen base, then fine-tuning), kept in the resume folder
