@@ -167,5 +167,6 @@ def training_pipeline(params_path: str = "params.yaml", force: bool = False) -> 
                     "confusion": str(paths.eval_dir / "confusion_matrix.png"),
                     "review lists": f"{paths.labels_dir / 'review.csv'}, {paths.crops_dir / 'review.csv'}, "
                                     f"{paths.eval_dir / 'label_review.csv'}",
+                    "label review": str(paths.eval_dir / "label_review.png"),
                     "quality": str(paths.quality_dir / "report.md")},
     }

@@ -51,7 +51,10 @@ def grid(tiles: Sequence[np.ndarray], captions: Sequence[str], cols: int, tile_s
     cell_h, cell_w = tile_size + cap_h, tile_size
     rows = max(1, -(-len(tiles) // cols))
     top = 26 if title else 0
-    sheet = np.full((top + rows * (cell_h + pad) + pad, cols * (cell_w + pad) + pad, 3), BG, np.uint8)
+    width = cols * (cell_w + pad) + pad
+    if title:  # a sheet of one or two tiles is widened so that its title is not cut off
+        width = max(width, cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, 0.55, 1)[0][0] + 2 * pad)
+    sheet = np.full((top + rows * (cell_h + pad) + pad, width, 3), BG, np.uint8)
     if title:
         cv2.putText(sheet, title, (pad, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.55, INK, 1, cv2.LINE_AA)
     for i, (tile, cap) in enumerate(zip(tiles, captions)):

@@ -16,6 +16,7 @@ in the training dataset are dropped from it and counted, so the external figure 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,12 +33,35 @@ from hemaflow.tasks.train import find_unreadable, make_image_dataset, prepare_ou
 from hemaflow.tta import predict_probs
 
 PREDICTION_COLUMNS = ("path", "label", "predicted", "confidence", "true_class_rank", "top3")
-PICTURES = ("confusion_matrix.png", "reliability_diagram.png", "error_gallery.png", "error_ranks.png")
+PICTURES = ("confusion_matrix.png", "reliability_diagram.png", "error_gallery.png", "error_ranks.png",
+            "label_review.png")
 LABEL_REVIEW = "label_review.csv"
+LABEL_REVIEW_SHEET = "label_review.png"
+CROP_COLUMNS = ("path", "source_path", "x0", "y0", "x1", "y1")
 EXTERNAL_DIR = "external"
 
 __all__ = ["evaluate_model", "predict_split", "predict_paths", "score_predictions", "EvalResult",
-           "SplitPredictions", "PREDICTION_COLUMNS"]
+           "SplitPredictions", "CropSources", "PREDICTION_COLUMNS"]
+
+
+@dataclass(frozen=True)
+class CropSources:
+    """Where scored crops were cut from: the segment stage's crops.parquet (crop path, source path,
+    box) and the folder its source paths are relative to. The label review shows the whole source
+    image with the crop outlined, because a crop can hide what a label refers to (a PBC 'platelet'
+    image whose platelets lie outside the centred crop, a second cell at its edge)."""
+    table: Path
+    raw_dir: Path
+
+    def boxes(self) -> dict[str, tuple[Path, tuple[int, int, int, int]]]:
+        """crop path -> (source image, (x0, y0, x1, y1)); empty when the table is absent (a dataset
+        evaluated without its crops folder still gets a sheet, of the crops alone)."""
+        if not Path(self.table).is_file():
+            return {}
+        df = read_table(self.table, "crops table", CROP_COLUMNS)
+        raw = Path(os.path.normpath(self.raw_dir))  # params paths keep their '..' (examples/../../shared)
+        return {r.path: (raw / r.source_path, (int(r.x0), int(r.y0), int(r.x1), int(r.y1)))
+                for r in df[list(CROP_COLUMNS)].itertuples(index=False)}
 
 
 @dataclass
@@ -150,9 +174,10 @@ def score_probabilities(pred: SplitPredictions, bins: int) -> tuple[dict, dict, 
     return overall, per_class, cm, rel_bins
 
 
-def write_report(out_dir: Path, pred: SplitPredictions, image_root: Path, cfg: EvaluateParams, name: str) -> dict:
-    """predictions.csv, confusion.csv, reliability.csv and the four pictures for one scored set;
-    returns its metrics (overall figures + per_class)."""
+def write_report(out_dir: Path, pred: SplitPredictions, image_root: Path, cfg: EvaluateParams, name: str,
+                 sources: CropSources | None = None) -> dict:
+    """predictions.csv, confusion.csv, reliability.csv, the label review and the pictures for one
+    scored set; returns its metrics (overall figures + per_class)."""
     overall, per_class, cm, rel_bins = score_probabilities(pred, cfg.calibration_bins)
     classes, probs = pred.classes, pred.probs
     ranks = true_class_ranks(pred.y_true, probs)
@@ -176,7 +201,8 @@ def write_report(out_dir: Path, pred: SplitPredictions, image_root: Path, cfg: E
                        [top3[i] for i in wrong], out_dir / "error_gallery.png",
                        title=f"{name}: {n_wrong} misclassified of {n}"
                              + (f" (the {len(wrong)} most confident)" if len(wrong) < n_wrong else ""))
-    n_review = len(write_label_review(pred, image_root, cfg.label_review_confidence, out_dir / LABEL_REVIEW))
+    n_review = len(write_label_review(pred, image_root, cfg.label_review_confidence, out_dir / LABEL_REVIEW,
+                                      sources, max_shown=cfg.gallery_size))
     errors = ranks[is_wrong]
     plot_rank_histogram(errors, len(classes), out_dir / "error_ranks.png",
                         title=f"{name}: rank of the true class over {len(errors)} errors")
@@ -185,19 +211,51 @@ def write_report(out_dir: Path, pred: SplitPredictions, image_root: Path, cfg: E
             "per_class": per_class}
 
 
-def write_label_review(pred: SplitPredictions, image_root: Path, min_confidence: float, path: Path) -> pd.DataFrame:
+def write_label_review(pred: SplitPredictions, image_root: Path, min_confidence: float, path: Path,
+                       sources: CropSources | None = None, max_shown: int = 24) -> pd.DataFrame:
     """The errors the model is sure of (predicted-class probability >= min_confidence) as a
-    review list: a person checks each label; nothing is relabelled here.
+    review list for a person to check each label (nothing is relabelled here), and next to it a
+    PNG of those images, most confident first: the whole source image with the crop outlined
+    when `sources` knows it, else the crop.
     On PBC the images every 64 px model got wrong with p > 0.99 were a 'platelet' showing a small
     nucleated cell and a 'monocyte' that looks like a lymphocyte: label noise, not model error."""
     probs, y_true, y_pred = pred.probs, pred.y_true, pred.y_pred
     conf = probs.max(axis=1)
     rows = np.flatnonzero((y_pred != y_true) & (conf >= min_confidence))
-    items = [ReviewItem("evaluate", pred.paths[i], str(image_root / pred.paths[i]), "confident_disagreement",
-                        f"labelled {pred.labels[i]}; the model says {pred.classes[y_pred[i]]} with probability "
-                        f"{conf[i]:.3f} ({pred.labels[i]}: {probs[i, y_true[i]]:.3f}); check the label")
-             for i in rows]
+    rows = rows[np.argsort(-conf[rows], kind="stable")]
+    boxes = sources.boxes() if sources is not None else {}
+    items, tiles, captions = [], [], []
+    for i in rows:
+        label, called = pred.labels[i], pred.classes[y_pred[i]]
+        source = boxes.get(pred.paths[i])
+        where = (f"; source {source[0]}, crop box {source[1]}" if source else "")
+        items.append(ReviewItem("evaluate", pred.paths[i], str(image_root / pred.paths[i]), "confident_disagreement",
+                                f"labelled {label}; the model says {called} with probability {conf[i]:.3f} "
+                                f"({label}: {probs[i, y_true[i]]:.3f}){where}; check the label"))
+        if len(tiles) < max_shown:
+            tiles.append(_review_tile(image_root / pred.paths[i], source))
+            captions.append(f"{Path(pred.paths[i]).stem}: {label} -> {called} {conf[i]:.2f}")
+    from hemaflow.contact_sheet import save_grid
+
+    shown = f" (the {len(tiles)} most confident)" if len(tiles) < len(rows) else ""
+    title = (f"label review: {len(rows)} errors called with p >= {min_confidence:g}{shown}; label -> model"
+             if len(rows) else f"label review: no error called with p >= {min_confidence:g}")
+    save_grid(Path(path).with_name(LABEL_REVIEW_SHEET), tiles, captions, cols=4, tile_size=240, title=title)
     return write_review(items, path)  # sorted by reason and item there
+
+
+def _review_tile(crop: Path, source: tuple[Path, tuple[int, int, int, int]] | None) -> np.ndarray:
+    """BGR tile: the source image with the crop box drawn in when it can be read, else the crop."""
+    import cv2
+
+    from hemaflow.contact_sheet import draw_boxes
+
+    if source is not None:
+        image = cv2.imread(str(source[0]), cv2.IMREAD_COLOR)
+        if image is not None:
+            return draw_boxes(image, [source[1]], (0, 170, 0), thickness=max(2, max(image.shape[:2]) // 150))
+    image = cv2.imread(str(crop), cv2.IMREAD_COLOR)
+    return np.full((8, 8, 3), 255, np.uint8) if image is None else image
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -208,15 +266,17 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 def evaluate_model(model_dir: Path, dataset_dir: Path, eval_dir: Path, cfg: EvaluateParams,
-                   test_data: Path | None = None, params: Params | None = None) -> EvalResult:
+                   test_data: Path | None = None, params: Params | None = None,
+                   sources: CropSources | None = None) -> EvalResult:
     """Score cfg.split (and the external folder test_data, read with params' ingest/validate/segment
-    settings); write metrics.json, predictions.csv, confusion.csv, reliability.csv and the pictures
-    into eval_dir (the external set's into eval_dir/external)."""
+    settings); write metrics.json, predictions.csv, confusion.csv, reliability.csv, the label review
+    and the pictures into eval_dir (the external set's into eval_dir/external). `sources` says where
+    the split's crops were cut from, for the label review sheet."""
     model_dir, dataset_dir, eval_dir = Path(model_dir), Path(dataset_dir), Path(eval_dir)
     folder = open_model_folder(model_dir)
     pred = predict_split(model_dir, dataset_dir, cfg.split, folder=folder, tta=cfg.tta)
     prepare_output_dir(eval_dir, model_dir, dataset_dir)
-    metrics = write_report(eval_dir, pred, dataset_dir, cfg, f"{cfg.split} split")
+    metrics = write_report(eval_dir, pred, dataset_dir, cfg, f"{cfg.split} split", sources)
     external = None
     if test_data is not None:
         from hemaflow.tasks.external_test import prepare_external
@@ -227,7 +287,8 @@ def evaluate_model(model_dir: Path, dataset_dir: Path, eval_dir: Path, cfg: Eval
         ext_pred = SplitPredictions(paths=ext.paths, labels=ext.labels, classes=folder.classes,
                                     probs=predict_paths(folder, [str(ext.crops_dir / p) for p in ext.paths], ext.labels,
                                                         tta=cfg.tta, table=ext.crops_dir / "crops.parquet"))
-        ext_metrics = write_report(ext_dir, ext_pred, ext.crops_dir, cfg, "external test folder")
+        ext_metrics = write_report(ext_dir, ext_pred, ext.crops_dir, cfg, "external test folder",
+                                   CropSources(ext.crops_dir / "crops.parquet", Path(test_data)))
         external = {"folder": str(test_data), "n": len(ext.paths), **ext.counts, **ext_metrics}
         (ext_dir / "metrics.json").write_text(json.dumps(external, indent=2) + "\n")
     n = len(pred.paths)

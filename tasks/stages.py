@@ -33,7 +33,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("augment", ("split_path", "crops_dir"), ("augmented_dir",), "Class-balancing augmentation of the train split."),
     StageSpec("check_quality", ("augmented_dir", "labels_dir"), ("quality_dir",), "Great Expectations gate on the clean table and the splits: schema, taxonomy, balance, leakage."),
     StageSpec("train", ("augmented_dir", "init_model", "backbone_weights"), ("model_dir",), "Train the Keras classifier (from scratch, a warm start or a backbone's weights)."),
-    StageSpec("evaluate", ("model_dir", "augmented_dir", "test_data"), ("eval_dir",), "Score the model on the test split (and an external labelled folder): accuracy, AUC, calibration, confusion matrix, error gallery."),
+    StageSpec("evaluate", ("model_dir", "augmented_dir", "crops_dir", "raw_dir", "test_data"), ("eval_dir",), "Score the model on the test split (and an external labelled folder): accuracy, AUC, calibration, confusion matrix, error gallery, label review."),
     StageSpec("promote", ("model_dir", "eval_dir", "augmented_dir"), ("promotion_path",), "Store the model as a version; make it production if it beats production on the same test split (gate)."),
 )}
 
@@ -111,8 +111,9 @@ def _train(p: Params, d: PathParams, progress):
 
 
 def _evaluate(p: Params, d: PathParams, progress):
-    from hemaflow.tasks.evaluate import evaluate_model
-    return evaluate_model(d.model_dir, d.augmented_dir, d.eval_dir, p.evaluate, test_data=d.test_data, params=p)
+    from hemaflow.tasks.evaluate import CropSources, evaluate_model
+    return evaluate_model(d.model_dir, d.augmented_dir, d.eval_dir, p.evaluate, test_data=d.test_data, params=p,
+                          sources=CropSources(d.crops_dir / "crops.parquet", d.raw_dir))
 
 
 def _promote(p: Params, d: PathParams, progress):

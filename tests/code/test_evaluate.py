@@ -88,6 +88,43 @@ def test_label_review_keeps_only_errors_called_surely(tmp_path):
     assert pd.read_csv(tmp_path / "label_review.csv").equals(df)
     empty = write_label_review(pred, tmp_path, 0.999, tmp_path / "none.csv")
     assert empty.empty and (tmp_path / "none.csv").read_text().strip()  # header only, still a file for DVC
+    assert cv2.imread(str(tmp_path / "label_review.png")) is not None  # the sheet says there is nothing to check
+
+
+def test_label_review_sheet_shows_the_source_image_with_the_crop_outlined(tmp_path):
+    """A crop can hide what its label refers to, so the sheet shows the whole source image with the
+    crop box drawn in, and the review row names the source and the box. A crop the table does not
+    know, or whose source is gone, is shown as the crop."""
+    from hemaflow.tasks.evaluate import CropSources, SplitPredictions, write_label_review
+
+    raw, data = tmp_path / "raw", tmp_path / "data"
+    source = np.full((300, 300, 3), (60, 40, 200), np.uint8)             # a red field ...
+    cv2.circle(source, (150, 150), 75, (200, 60, 60), -1)                 # ... with a blue cell filling the crop
+    (raw / "images" / "a").mkdir(parents=True)
+    cv2.imwrite(str(raw / "images" / "a" / "1.jpg"), source)
+    for name in ("1_c0.png", "2_c0.png"):
+        (data / "images" / "a").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(data / "images" / "a" / name), source[100:200, 100:200])
+    pd.DataFrame({"path": ["images/a/1_c0.png"], "source_path": ["images/a/1.jpg"], "x0": [100], "y0": [100],
+                  "x1": [200], "y1": [200]}).to_parquet(tmp_path / "crops.parquet")
+    pred = SplitPredictions(paths=["images/a/1_c0.png", "images/a/2_c0.png"], labels=["a", "a"], classes=("a", "b"),
+                            probs=np.array([[0.01, 0.99], [0.03, 0.97]]))
+    df = write_label_review(pred, data, 0.95, tmp_path / "eval" / "label_review.csv",
+                            CropSources(tmp_path / "crops.parquet", raw))
+    detail = dict(zip(df["item"], df["detail"]))
+    assert f"source {raw / 'images/a/1.jpg'}, crop box (100, 100, 200, 200)" in detail["images/a/1_c0.png"]
+    assert "source" not in detail["images/a/2_c0.png"]
+    sheet = cv2.imread(str(tmp_path / "eval" / "label_review.png"))
+    assert sheet is not None and sheet.shape[1] >= 2 * 240
+    green = (sheet[..., 1] > 150) & (sheet[..., 0] < 60) & (sheet[..., 2] < 60)   # the crop box
+    assert green.sum() > 200
+    tiles = sheet[26:26 + 240 + 8]
+    assert tiles.shape[0] > 200
+    def red(tile):
+        return (np.abs(tile.astype(int) - (60, 40, 200)) < 30).all(axis=-1).sum()
+
+    first, second = tiles[:, 4:244], tiles[:, 248:488]                  # most confident (the known crop) first
+    assert red(first) > 20_000 and red(second) < 500                    # the field around the cell; the crop is all cell
 
 
 @pytest.mark.parametrize("picture", ["confusion_matrix.png", "reliability_diagram.png", "error_gallery.png",
