@@ -53,15 +53,41 @@ class CropSources:
     table: Path
     raw_dir: Path
 
-    def boxes(self) -> dict[str, tuple[Path, tuple[int, int, int, int]]]:
-        """crop path -> (source image, (x0, y0, x1, y1)); empty when the table is absent (a dataset
-        evaluated without its crops folder still gets a sheet, of the crops alone)."""
+    def boxes(self) -> dict[str, tuple[str, tuple[int, int, int, int]]]:
+        """crop path -> (source path as the manifest writes it, (x0, y0, x1, y1) in that source);
+        empty when the table is absent (a dataset evaluated without its crops folder, as in the GPU
+        job, still gets a sheet, of the crops alone)."""
         if not Path(self.table).is_file():
             return {}
         df = read_table(self.table, "crops table", CROP_COLUMNS)
-        raw = Path(os.path.normpath(self.raw_dir))  # params paths keep their '..' (examples/../../shared)
-        return {r.path: (raw / r.source_path, (int(r.x0), int(r.y0), int(r.x1), int(r.y1)))
+        return {r.path: (r.source_path, (int(r.x0), int(r.y0), int(r.x1), int(r.y1)))
                 for r in df[list(CROP_COLUMNS)].itertuples(index=False)}
+
+    def tile(self, crop: Path, source: tuple[str, tuple[int, int, int, int]] | None) -> np.ndarray:
+        """BGR tile: the whole source image with the crop outlined in green (and, for an annotated
+        object of a field such as 'a.jpg#42,345,185,480', the field with the object's box in orange),
+        else the crop when the source is unknown or cannot be read."""
+        from hemaflow.contact_sheet import draw_boxes
+        from hemaflow.errors import SourceReadError
+        from hemaflow.imageio import parse_box_path, read_image
+
+        if source is not None:
+            rel, box = source
+            obj, outlines = parse_box_path(rel), []
+            if obj is not None:  # the crop box is relative to the object's region of the field
+                rel, region = obj
+                box = (box[0] + region[0], box[1] + region[1], box[2] + region[0], box[3] + region[1])
+                outlines.append((region, (0, 140, 255)))
+            try:
+                image = read_image(self.raw_dir, rel)
+            except SourceReadError:
+                image = None  # the picture falls back to the crop; the review row still names the source
+            if image is not None:
+                thick = max(2, max(image.shape[:2]) // 150)
+                for b, colour in outlines + [(box, (0, 170, 0))]:
+                    image = draw_boxes(image, [b], colour, thickness=thick)
+                return image
+        return _read_bgr(crop)
 
 
 @dataclass
@@ -228,41 +254,37 @@ def write_label_review(pred: SplitPredictions, image_root: Path, min_confidence:
     for i in rows:
         label, called = pred.labels[i], pred.classes[y_pred[i]]
         source = boxes.get(pred.paths[i])
-        where = (f"; source {source[0]}, crop box {source[1]}" if source else "")
+        where = (f"; source {Path(os.path.normpath(sources.raw_dir)) / source[0]}, crop box {source[1]}"
+                 if source else "")  # normpath: params paths keep their '..' (examples/../../shared)
         items.append(ReviewItem("evaluate", pred.paths[i], str(image_root / pred.paths[i]), "confident_disagreement",
                                 f"labelled {label}; the model says {called} with probability {conf[i]:.3f} "
                                 f"({label}: {probs[i, y_true[i]]:.3f}){where}; check the label"))
         if len(tiles) < max_shown:
-            tiles.append(_review_tile(image_root / pred.paths[i], source))
+            crop = image_root / pred.paths[i]
+            tiles.append(sources.tile(crop, source) if sources is not None else _read_bgr(crop))
             captions.append(f"{Path(pred.paths[i]).stem}: {label} -> {called} {conf[i]:.2f}")
     from hemaflow.contact_sheet import save_grid
 
     shown = f" (the {len(tiles)} most confident)" if len(tiles) < len(rows) else ""
-    title = (f"label review: {len(rows)} errors called with p >= {min_confidence:g}{shown}; label -> model"
+    title = (f"label review: {len(rows)} error{'s' * (len(rows) > 1)} called with p >= {min_confidence:g}{shown}; "
+             "label -> model"
              if len(rows) else f"label review: no error called with p >= {min_confidence:g}")
     save_grid(Path(path).with_name(LABEL_REVIEW_SHEET), tiles, captions, cols=4, tile_size=240, title=title)
     return write_review(items, path)  # sorted by reason and item there
 
 
-def _review_tile(crop: Path, source: tuple[Path, tuple[int, int, int, int]] | None) -> np.ndarray:
-    """BGR tile: the source image with the crop box drawn in when it can be read, else the crop."""
+def _read_bgr(path: Path) -> np.ndarray:
+    """A crop for a picture; a white square if it cannot be read (the picture is not the place to fail)."""
     import cv2
 
-    from hemaflow.contact_sheet import draw_boxes
-
-    if source is not None:
-        image = cv2.imread(str(source[0]), cv2.IMREAD_COLOR)
-        if image is not None:
-            return draw_boxes(image, [source[1]], (0, 170, 0), thickness=max(2, max(image.shape[:2]) // 150))
-    image = cv2.imread(str(crop), cv2.IMREAD_COLOR)
-    return np.full((8, 8, 3), 255, np.uint8) if image is None else image
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    return np.full((8, 8, 3), 255, np.uint8) if img is None else img
 
 
 def _read_rgb(path: Path) -> np.ndarray:
     import cv2
 
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    return np.full((8, 8, 3), 255, np.uint8) if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(_read_bgr(path), cv2.COLOR_BGR2RGB)
 
 
 def evaluate_model(model_dir: Path, dataset_dir: Path, eval_dir: Path, cfg: EvaluateParams,

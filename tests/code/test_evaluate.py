@@ -127,6 +127,26 @@ def test_label_review_sheet_shows_the_source_image_with_the_crop_outlined(tmp_pa
     assert red(first) > 20_000 and red(second) < 500                    # the field around the cell; the crop is all cell
 
 
+def test_label_review_tile_of_an_annotated_object_shows_its_whole_field(tmp_path):
+    """A crop of one annotated object ('field.png#x0,y0,x1,y1', as the VOC reader writes it) has its
+    box relative to the object's region: the tile is the whole field, the object's box in orange and
+    the crop shifted into field coordinates in green."""
+    from hemaflow.tasks.evaluate import CropSources
+
+    cv2.imwrite(str(tmp_path / "field.png"), np.full((120, 160, 3), 255, np.uint8))
+    tile = CropSources(tmp_path / "none.parquet", tmp_path).tile(tmp_path / "crop.png",
+                                                                 ("field.png#40,30,100,90", (10, 10, 50, 50)))
+    assert tile.shape == (120, 160, 3)
+    green = (tile[..., 1] == 170) & (tile[..., 0] == 0) & (tile[..., 2] == 0)
+    orange = (tile[..., 1] == 140) & (tile[..., 2] == 255) & (tile[..., 0] == 0)
+    ys, xs = np.nonzero(green)                                          # lines 2 px thick: +-1 px
+    assert np.allclose((xs.min(), ys.min(), xs.max(), ys.max()), (50, 40, 89, 79), atol=1)
+    ys, xs = np.nonzero(orange)
+    assert np.allclose((xs.min(), ys.min(), xs.max(), ys.max()), (40, 30, 99, 89), atol=1)
+    gone = CropSources(tmp_path / "none.parquet", tmp_path).tile(tmp_path / "crop.png", ("missing.png", (0, 0, 5, 5)))
+    assert gone.shape == (8, 8, 3)      # neither source nor crop readable: a blank tile, not a failed evaluate
+
+
 @pytest.mark.parametrize("picture", ["confusion_matrix.png", "reliability_diagram.png", "error_gallery.png",
                                      "error_ranks.png"])
 def test_pictures_are_real_plots(evaluated, picture):
