@@ -36,7 +36,6 @@ PREDICTION_COLUMNS = ("path", "label", "predicted", "confidence", "true_class_ra
 PICTURES = ("confusion_matrix.png", "reliability_diagram.png", "error_gallery.png", "error_ranks.png",
             "label_review.png")
 LABEL_REVIEW = "label_review.csv"
-LABEL_REVIEW_SHEET = "label_review.png"
 CROP_COLUMNS = ("path", "source_path", "x0", "y0", "x1", "y1")
 EXTERNAL_DIR = "external"
 
@@ -240,8 +239,8 @@ def write_report(out_dir: Path, pred: SplitPredictions, image_root: Path, cfg: E
 def write_label_review(pred: SplitPredictions, image_root: Path, min_confidence: float, path: Path,
                        sources: CropSources | None = None, max_shown: int = 24) -> pd.DataFrame:
     """The errors the model is sure of (predicted-class probability >= min_confidence) as a
-    review list for a person to check each label (nothing is relabelled here), and next to it a
-    PNG of those images, most confident first: the whole source image with the crop outlined
+    review list for a person to check each label (nothing is relabelled here), and next to it (the
+    same name as .png) a sheet of those images, most confident first: the whole source image with the crop outlined
     when `sources` knows it, else the crop.
     On PBC the images every 64 px model got wrong with p > 0.99 were a 'platelet' showing a small
     nucleated cell and a 'monocyte' that looks like a lymphocyte: label noise, not model error."""
@@ -269,7 +268,7 @@ def write_label_review(pred: SplitPredictions, image_root: Path, min_confidence:
     title = (f"label review: {len(rows)} error{'s' * (len(rows) > 1)} called with p >= {min_confidence:g}{shown}; "
              "label -> model"
              if len(rows) else f"label review: no error called with p >= {min_confidence:g}")
-    save_grid(Path(path).with_name(LABEL_REVIEW_SHEET), tiles, captions, cols=4, tile_size=240, title=title)
+    save_grid(Path(path).with_suffix(".png"), tiles, captions, cols=4, tile_size=240, title=title)
     return write_review(items, path)  # sorted by reason and item there
 
 

@@ -88,7 +88,8 @@ def test_label_review_keeps_only_errors_called_surely(tmp_path):
     assert pd.read_csv(tmp_path / "label_review.csv").equals(df)
     empty = write_label_review(pred, tmp_path, 0.999, tmp_path / "none.csv")
     assert empty.empty and (tmp_path / "none.csv").read_text().strip()  # header only, still a file for DVC
-    assert cv2.imread(str(tmp_path / "label_review.png")) is not None  # the sheet says there is nothing to check
+    assert cv2.imread(str(tmp_path / "label_review.png")) is not None
+    assert cv2.imread(str(tmp_path / "none.png")) is not None  # a sheet that says there is nothing to check
 
 
 def test_label_review_sheet_shows_the_source_image_with_the_crop_outlined(tmp_path):
