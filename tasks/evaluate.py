@@ -33,8 +33,6 @@ from hemaflow.tasks.train import find_unreadable, make_image_dataset, prepare_ou
 from hemaflow.tta import predict_probs
 
 PREDICTION_COLUMNS = ("path", "label", "predicted", "confidence", "true_class_rank", "top3")
-PICTURES = ("confusion_matrix.png", "reliability_diagram.png", "error_gallery.png", "error_ranks.png",
-            "label_review.png")
 LABEL_REVIEW = "label_review.csv"
 CROP_COLUMNS = ("path", "source_path", "x0", "y0", "x1", "y1")
 EXTERNAL_DIR = "external"
@@ -52,15 +50,19 @@ class CropSources:
     table: Path
     raw_dir: Path
 
-    def boxes(self) -> dict[str, tuple[str, tuple[int, int, int, int]]]:
-        """crop path -> (source path as the manifest writes it, (x0, y0, x1, y1) in that source);
-        empty when the table is absent (a dataset evaluated without its crops folder, as in the GPU
-        job, still gets a sheet, of the crops alone)."""
-        if not Path(self.table).is_file():
+    def boxes(self, crops: list[str]) -> dict[str, tuple[str, tuple[int, int, int, int]]]:
+        """crop path -> (source path as the manifest writes it, (x0, y0, x1, y1) in that source) for
+        the given crops; empty when there are none or the table is absent (a dataset evaluated
+        without its crops folder, as in the GPU job, still gets a sheet, of the crops alone)."""
+        if not crops or not Path(self.table).is_file():
             return {}
         df = read_table(self.table, "crops table", CROP_COLUMNS)
-        return {r.path: (r.source_path, (int(r.x0), int(r.y0), int(r.x1), int(r.y1)))
-                for r in df[list(CROP_COLUMNS)].itertuples(index=False)}
+        df = df.loc[df["path"].isin(crops), list(CROP_COLUMNS)]
+        return {r.path: (r.source_path, (int(r.x0), int(r.y0), int(r.x1), int(r.y1))) for r in df.itertuples(index=False)}
+
+    def source_file(self, rel: str) -> Path:
+        """A source path as a person would open it (params paths keep their '..': examples/../../shared)."""
+        return Path(os.path.normpath(self.raw_dir)) / rel
 
     def tile(self, crop: Path, source: tuple[str, tuple[int, int, int, int]] | None) -> np.ndarray:
         """BGR tile: the whole source image with the crop outlined in green (and, for an annotated
@@ -248,13 +250,12 @@ def write_label_review(pred: SplitPredictions, image_root: Path, min_confidence:
     conf = probs.max(axis=1)
     rows = np.flatnonzero((y_pred != y_true) & (conf >= min_confidence))
     rows = rows[np.argsort(-conf[rows], kind="stable")]
-    boxes = sources.boxes() if sources is not None else {}
+    boxes = sources.boxes([pred.paths[i] for i in rows]) if sources is not None else {}
     items, tiles, captions = [], [], []
     for i in rows:
         label, called = pred.labels[i], pred.classes[y_pred[i]]
         source = boxes.get(pred.paths[i])
-        where = (f"; source {Path(os.path.normpath(sources.raw_dir)) / source[0]}, crop box {source[1]}"
-                 if source else "")  # normpath: params paths keep their '..' (examples/../../shared)
+        where = f"; source {sources.source_file(source[0])}, crop box {source[1]}" if source else ""
         items.append(ReviewItem("evaluate", pred.paths[i], str(image_root / pred.paths[i]), "confident_disagreement",
                                 f"labelled {label}; the model says {called} with probability {conf[i]:.3f} "
                                 f"({label}: {probs[i, y_true[i]]:.3f}){where}; check the label"))
