@@ -211,6 +211,29 @@ def data_status(params_path: Path) -> None:
     click.echo(json.dumps(status, indent=2))
 
 
+@app.command("label-corrections")
+@click.option("--review", "review_csv", type=click.Path(path_type=Path), required=True,
+              help="evaluate's label_review.csv (e.g. reports/eval/label_review.csv)")
+@click.option("--crops-dir", type=click.Path(path_type=Path), default=None, help="default: paths.crops_dir in params")
+@click.option("--label-corrections", "corrections", type=click.Path(path_type=Path), default=None,
+              help="default: paths.label_corrections in params")
+@params_option
+@_fail_cleanly
+def label_corrections(review_csv: Path, crops_dir: Path | None, corrections: Path | None, params_path: Path) -> None:
+    """Draft undecided rows in the label corrections file from a label review, one per source image.
+
+    Write relabel, drop or keep in each row's action; the next validate-labels applies them."""
+    from hemaflow.label_corrections import draft_from_review
+
+    params = load_params(params_path)
+    paths = params.paths.resolved(params_path.resolve().parent)
+    target = corrections or paths.label_corrections
+    if target is None:
+        raise click.UsageError("no corrections file: give --label-corrections or set paths.label_corrections")
+    counts = draft_from_review(review_csv, (crops_dir or paths.crops_dir) / "crops.parquet", target)
+    click.echo(f"{target}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
 @app.command()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default="data/raw", show_default=True)
 @click.option("--n-fields", type=int, default=150, show_default=True)

@@ -32,6 +32,8 @@ class PathParams(_Frozen):
     promotion_path: Path = Path("reports/promotion.json")
     # evaluate: an external labelled folder (any reader's layout) scored next to the test split
     test_data: Path | None = None
+    # validate_labels: a person's relabel/drop decisions (CSV path,action,label,note; hemaflow/label_corrections.py)
+    label_corrections: Path | None = None
     # train: start from a hemaflow model folder (warm start, e.g. `hemaflow pull` of production) ...
     init_model: Path | None = None
     # ... or load a keras.applications backbone's weights from a local file (transfer learning)

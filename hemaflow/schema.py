@@ -22,6 +22,9 @@ CLEAN_COLUMNS = MANIFEST_COLUMNS + ("label", "group_id")  # group_id: near-dupli
 # every review list (CSV a person works through): what, where, why.
 REVIEW_COLUMNS = ("stage", "item", "path", "reason", "detail")
 
+# paths.label_corrections (a person's decisions, applied by validate_labels; hemaflow/label_corrections.py)
+CORRECTION_COLUMNS = ("path", "action", "label", "note")  # action: relabel | drop | keep | blank (undecided)
+
 # segment -> data/crops/crops.parquet
 CROP_COLUMNS = (
     "crop_id", "path",                 # path relative to crops_dir

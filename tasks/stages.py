@@ -27,7 +27,7 @@ class StageSpec:
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("ingest", ("raw_dir",), ("manifest_path",), "Scan raw images and labels into a manifest with content hashes."),
-    StageSpec("validate_labels", ("manifest_path",), ("labels_dir",), "Normalise labels; send bad items to the review list."),
+    StageSpec("validate_labels", ("manifest_path", "label_corrections"), ("labels_dir",), "Normalise labels, apply a person's label corrections; send bad items to the review list."),
     StageSpec("segment", ("labels_dir", "raw_dir"), ("crops_dir",), "Crop every white cell found in the images."),
     StageSpec("split", ("crops_dir", "labels_dir"), ("split_path",), "Stratified, group-aware train/val/test split by source image and near-duplicate group."),
     StageSpec("augment", ("split_path", "crops_dir"), ("augmented_dir",), "Class-balancing augmentation of the train split."),
@@ -75,7 +75,8 @@ def _ingest(p: Params, d: PathParams, progress):
 
 def _validate_labels(p: Params, d: PathParams, progress):
     from hemaflow.tasks.validate_labels import validate_labels
-    return validate_labels(d.manifest_path, d.labels_dir, p.validate_labels, p.base.classes)
+    return validate_labels(d.manifest_path, d.labels_dir, p.validate_labels, p.base.classes,
+                           corrections_path=d.label_corrections)
 
 
 def _segment(p: Params, d: PathParams, progress, batch_runner: BatchRunner | None = None):

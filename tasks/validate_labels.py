@@ -7,6 +7,11 @@ contradicts the label, a second annotator who disagrees, the same bytes under tw
 (or twice under one), and near-duplicates by perceptual hash. Same-label near-duplicates
 stay in the clean table and share a `group_id`, so split keeps them on one side.
 
+A person's decisions (`paths.label_corrections`, hemaflow/label_corrections.py) come first: a
+relabelled image takes the reviewer's class (its label problems and any annotator disagreement
+are settled by that; file errors still drop it), a dropped one goes to the review list with the
+reviewer's note. Both are listed in review.csv; `label_raw` in clean.parquet keeps the original.
+
 Policy (params validate_labels.on_error): `drop` sends bad items to the review list and
 goes on; `fail` stops the run with the same list. Raw files are never touched.
 """
@@ -25,13 +30,15 @@ from hemaflow.agreement import measure_agreement, write_agreement
 from hemaflow.config import ValidateLabelsParams
 from hemaflow.duplicates import group_labels, near_duplicate_pairs, parse_phash
 from hemaflow.errors import StageInputError, read_table, require_columns
+from hemaflow.label_corrections import Correction, read_corrections, unmatched
 from hemaflow.review import ReviewItem, write_review
 from hemaflow.schema import CLEAN_COLUMNS, MANIFEST_COLUMNS
 from hemaflow.taxonomy import Taxonomy, split_labels
 
 STAGE = "validate_labels"
 OPTIONAL_COLUMNS = ("phash", "label_raw_2")   # added by newer ingest; missing means None
-INFO_REASONS = frozenset({"near_duplicate"})  # listed for a person, item kept: never fails the run
+# listed for a person, never fails the run: near duplicates are kept; the reviewer's decisions are already made
+INFO_REASONS = frozenset({"near_duplicate", "relabelled_by_reviewer", "dropped_by_reviewer"})
 NEAR_DUP_COLUMNS = ("image_id_a", "image_id_b", "path_a", "path_b", "label_a", "label_b", "distance")
 
 
@@ -49,6 +56,7 @@ class ValidateResult:
     agreement: dict | None = None          # kappa etc.; None without a second annotator
     near_duplicate_pairs: int | None = None  # None: check off or no phash in the manifest
     n_groups: int = 0                      # near-duplicate groups of 2+ clean images
+    corrections: dict[str, int] | None = None  # relabel/drop/keep/undecided counts; None without a file
     seconds: float = 0.0
 
     def summary(self) -> dict:
@@ -57,6 +65,8 @@ class ValidateResult:
                **{f"class: {k}": v for k, v in self.class_counts.items()},
                "near-duplicate pairs": "not checked" if self.near_duplicate_pairs is None else self.near_duplicate_pairs,
                "near-duplicate groups": self.n_groups}
+        if self.corrections is not None:
+            out["label corrections"] = ", ".join(f"{k} {v}" for k, v in self.corrections.items())
         if self.agreement is not None:
             out["cohen kappa"] = self.agreement["cohen_kappa"]
             out["annotator agreement"] = f"{self.agreement['n_agree']}/{self.agreement['n_compared']}"
@@ -103,6 +113,19 @@ def row_problems(row: dict, taxonomy: Taxonomy, cfg: ValidateLabelsParams) -> tu
     return (label if not problems else None), problems
 
 
+def apply_correction(row: dict, corr: Correction,
+                     problems: list[tuple[str, str]]) -> tuple[str | None, list[tuple[str, str]]]:
+    """(label, problems) of one row after a person's relabel or drop decision."""
+    original = _text(row["label_raw"]) or "no label"
+    note = f": {corr.note}" if corr.note else ""
+    where = f" (label corrections line {corr.line})"
+    if corr.action == "drop":
+        return None, [("dropped_by_reviewer", f"labelled '{original}'; dropped by a reviewer{note}{where}")]
+    if _text(row["error"]):  # the reviewer's class cannot make an unreadable file usable (row_problems lists it first)
+        return None, problems[:1]
+    return corr.label, [("relabelled_by_reviewer", f"label '{original}' -> {corr.label} by a reviewer{note}{where}")]
+
+
 def read_manifest(manifest_path: Path) -> pd.DataFrame:
     manifest = read_table(manifest_path, "manifest")
     for col in OPTIONAL_COLUMNS:
@@ -113,8 +136,12 @@ def read_manifest(manifest_path: Path) -> pd.DataFrame:
 
 
 def validate_labels(manifest_path: Path, labels_dir: Path, cfg: ValidateLabelsParams,
-                    classes: tuple[str, ...], require_every_class: bool = True) -> ValidateResult:
+                    classes: tuple[str, ...], require_every_class: bool = True,
+                   corrections_path: Path | None = None) -> ValidateResult:
     """Classify every manifest row, resolve duplicates, write clean.parquet, review.csv and the agreement files.
+
+    corrections_path: a person's relabel/drop decisions (hemaflow/label_corrections.py); a bad row or
+    one naming an image the manifest does not hold fails the stage before anything is written.
 
     A configured class left with no image (or no image at all) fails the stage after the
     files are written: training on it would be silently wrong (require_every_class=False
@@ -127,12 +154,26 @@ def validate_labels(manifest_path: Path, labels_dir: Path, cfg: ValidateLabelsPa
         taxonomy = Taxonomy.build(classes, cfg.synonyms)
     except ValueError as exc:
         raise StageInputError("params.yaml", str(exc)) from exc
+    corrections = read_corrections(corrections_path, taxonomy) if corrections_path is not None else None
+    if corrections:
+        stale = unmatched(corrections, {_text(p) for p in manifest["path"]})
+        if stale:
+            shown = ", ".join(f"line {c.line} ({c.path})" for c in stale[:10])
+            raise StageInputError(corrections_path, f"{len(stale)} label correction(s) name images that are not in "
+                                                    f"the manifest {manifest_path}: {shown}; fix the path "
+                                                    "(relative to paths.raw_dir, as review.csv writes it) or remove the row")
 
     review: list[ReviewItem] = []
+    settled: set[str] = set()  # image ids relabelled by a person: their class is not up for disagreement
     labels: list[str | None] = []
     first_labels: list[str | None] = []  # the first annotator's class, whatever else is wrong
     for row in manifest.to_dict("records"):
         label, problems = row_problems(row, taxonomy, cfg)
+        corr = corrections.get(_text(row["path"])) if corrections else None
+        if corr is not None and corr.action in ("relabel", "drop"):
+            label, problems = apply_correction(row, corr, problems)
+            if label is not None:
+                settled.add(row["image_id"])
         labels.append(label)
         first_labels.append(label_problems(row["label_raw"], taxonomy)[0])
         for reason, detail in problems:
@@ -146,12 +187,13 @@ def validate_labels(manifest_path: Path, labels_dir: Path, cfg: ValidateLabelsPa
         write_agreement(agreement, labels_dir)
         if cfg.on_disagreement == "review":
             still_ok = set(df.loc[df["label"].notna(), "image_id"])  # dropped already: its row is enough
-            for r in agreement.disagreements.itertuples(index=False):
+            disputed = agreement.disagreements[~agreement.disagreements["image_id"].isin(settled)]
+            for r in disputed.itertuples(index=False):
                 if r.image_id in still_ok:
                     review.append(ReviewItem(STAGE, str(r.image_id), _text(r.path), "annotator_disagreement",
                                              f"annotator 1 says {r.label} ('{r.label_raw}'), annotator 2 says "
                                              f"'{r.label_raw_2}'"))
-            df.loc[df["image_id"].isin(set(agreement.disagreements["image_id"])), "label"] = None
+            df.loc[df["image_id"].isin(set(disputed["image_id"])), "label"] = None
     else:  # no second annotator: leave no agreement files from an earlier run behind
         for stale in ("agreement.json", "disagreements.csv"):
             (labels_dir / stale).unlink(missing_ok=True)
@@ -176,6 +218,9 @@ def validate_labels(manifest_path: Path, labels_dir: Path, cfg: ValidateLabelsPa
                             {c: int((clean["label"] == c).sum()) for c in classes},
                             agreement=agreement.summary() if agreement else None,
                             near_duplicate_pairs=n_pairs, n_groups=int((group_sizes > 1).sum()),
+                            corrections=None if corrections is None else {
+                                a or "undecided": sum(c.action == a for c in corrections.values())
+                                for a in ("relabel", "drop", "keep", "")},
                             seconds=time.perf_counter() - started)
     (labels_dir / "summary.json").write_text(json.dumps(
         {k: v for k, v in result.summary().items() if k != "seconds"}, indent=2) + "\n")

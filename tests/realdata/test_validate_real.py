@@ -98,3 +98,24 @@ def test_near_duplicates_found_by_phash(pbc_run) -> None:
     clean = pd.read_parquet(result.clean_path).set_index("image_id")
     assert clean.loc["monocyte/MO_415531", "group_id"] == clean.loc["monocyte/MO_231316", "group_id"]
     assert seconds < 30, f"validate_labels took {seconds:.1f} s on 10k images"
+
+
+def test_label_corrections_on_pbc(pbc_run, project_root: Path, tmp_path) -> None:
+    """The images the label review sheet showed (stop 27): a person's relabel and drop land in the clean table."""
+    pbc, out, result, _ = pbc_run
+    corrections = tmp_path / "label_corrections.csv"
+    corrections.write_text("path,action,label,note\n"
+                           "images/monocyte/MO_332923.jpg,relabel,lymphocyte,looks like a lymphocyte\n"
+                           "images/neutrophil/BNE_143245.jpg,drop,,a second cell at the crop's edge\n"
+                           "images/platelet/PLATELET_89526.jpg,,erythroblast,undecided\n")
+    params = load_params(project_root / "examples" / "pbc.params.yaml")
+    fixed = validate_labels(out / "manifest.parquet", tmp_path / "labels", params.validate_labels,
+                            params.base.classes, corrections_path=corrections)
+    assert fixed.class_counts == {**result.class_counts, "monocyte": result.class_counts["monocyte"] - 1,
+                                  "lymphocyte": result.class_counts["lymphocyte"] + 1,
+                                  "neutrophil": result.class_counts["neutrophil"] - 1}
+    clean = pd.read_parquet(fixed.clean_path).set_index("path")
+    assert clean.loc["images/monocyte/MO_332923.jpg", ["label_raw", "label"]].tolist() == ["monocyte", "lymphocyte"]
+    assert "images/neutrophil/BNE_143245.jpg" not in clean.index
+    assert clean.loc["images/platelet/PLATELET_89526.jpg", "label"] == "platelet"
+    assert fixed.problems["relabelled_by_reviewer"] == 1 and fixed.problems["dropped_by_reviewer"] == 1
