@@ -47,7 +47,8 @@ def make_project(dest: Path, n_fields: int = 40) -> Path:
     """Copy code + pipeline files, generate data, track it with data.dvc, commit to git."""
     for name in ("hemaflow", "tasks", "flows"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "data/label_corrections.csv"):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, dest / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for block, values in SMALL.items():

@@ -31,6 +31,8 @@ def _write_params(root: Path, **parallel) -> Path:
     params["parallel"].update(parallel)
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "data" / "label_corrections.csv", root / "data" / "label_corrections.csv")
     return path
 
 
