@@ -116,14 +116,14 @@ def row_problems(row: dict, taxonomy: Taxonomy, cfg: ValidateLabelsParams) -> tu
 def apply_correction(row: dict, corr: Correction,
                      problems: list[tuple[str, str]]) -> tuple[str | None, list[tuple[str, str]]]:
     """(label, problems) of one row after a person's relabel or drop decision."""
-    original = _text(row["label_raw"]) or "no label"
+    original = f"label '{_text(row['label_raw'])}'" if _text(row["label_raw"]) else "no label"
     note = f": {corr.note}" if corr.note else ""
     where = f" (label corrections line {corr.line})"
     if corr.action == "drop":
-        return None, [("dropped_by_reviewer", f"labelled '{original}'; dropped by a reviewer{note}{where}")]
+        return None, [("dropped_by_reviewer", f"{original}; dropped by a reviewer{note}{where}")]
     if _text(row["error"]):  # the reviewer's class cannot make an unreadable file usable (row_problems lists it first)
         return None, problems[:1]
-    return corr.label, [("relabelled_by_reviewer", f"label '{original}' -> {corr.label} by a reviewer{note}{where}")]
+    return corr.label, [("relabelled_by_reviewer", f"{original} -> {corr.label} by a reviewer{note}{where}")]
 
 
 def read_manifest(manifest_path: Path) -> pd.DataFrame:

@@ -65,7 +65,8 @@ def test_relabel_drop_keep_and_undecided_rows(tmp_path):
                                           "f": "unreadable_image"}
     assert review.loc["a", "detail"] == ("label 'monocyte' -> lymphocyte by a reviewer: round nucleus "
                                          "(label corrections line 2)")
-    assert review.loc["b", "detail"] == "labelled 'neutrophil'; dropped by a reviewer: two cells in the crop (label corrections line 3)"
+    assert review.loc["b", "detail"] == "label 'neutrophil'; dropped by a reviewer: two cells in the crop (label corrections line 3)"
+    assert review.loc["c", "detail"] == "no label -> basophil by a reviewer (label corrections line 4)"
     assert res.corrections == {"relabel": 4, "drop": 1, "keep": 1, "undecided": 1}
     assert res.summary()["label corrections"] == "relabel 4, drop 1, keep 1, undecided 1"
 
