@@ -224,14 +224,14 @@ def label_corrections(review_csv: Path, crops_dir: Path | None, corrections: Pat
 
     Write relabel, drop or keep in each row's action; the next validate-labels applies them."""
     from hemaflow.label_corrections import draft_from_review
+    from hemaflow.tasks.stages import stage_paths
 
-    params = load_params(params_path)
-    paths = params.paths.resolved(params_path.resolve().parent)
-    target = corrections or paths.label_corrections
-    if target is None:
+    paths = stage_paths(load_params(params_path), params_path.resolve().parent,
+                        {"crops_dir": crops_dir, "label_corrections": corrections})
+    if paths.label_corrections is None:
         raise click.UsageError("no corrections file: give --label-corrections or set paths.label_corrections")
-    counts = draft_from_review(review_csv, (crops_dir or paths.crops_dir) / "crops.parquet", target)
-    click.echo(f"{target}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    counts = draft_from_review(review_csv, paths.crops_dir / "crops.parquet", paths.label_corrections)
+    click.echo(f"{paths.label_corrections}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 @app.command()

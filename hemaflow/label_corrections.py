@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from hemaflow.errors import StageInputError
-from hemaflow.schema import CORRECTION_COLUMNS
+from hemaflow.errors import StageInputError, read_table
+from hemaflow.schema import CORRECTION_COLUMNS, CROP_COLUMNS, REVIEW_COLUMNS
 from hemaflow.taxonomy import Taxonomy
 
 ACTIONS = ("relabel", "drop", "keep", "")
@@ -98,15 +98,12 @@ def draft_from_review(review_csv: str | Path, crops_table: str | Path, correctio
     """Append to the corrections file one undecided row per image of an evaluate label review
     (label_review.csv) that the file does not list yet: the source image's manifest path, the
     model's class (predictions.csv beside the review) as the suggested label and the review's
-    sentence as the note. A person then
-    writes relabel / drop / keep in `action`; nothing is applied before that.
+    sentence as the note. A person then writes relabel / drop / keep in `action`; nothing is
+    applied before that.
 
     Review rows name crops of the dataset; the crops table (segment's crops.parquet) says which
     source image each was cut from. Rows it does not know (an external test folder's review: those
     images are not training data) are counted and skipped."""
-    from hemaflow.errors import read_table
-    from hemaflow.schema import CROP_COLUMNS, REVIEW_COLUMNS
-
     review_csv, corrections_path = Path(review_csv), Path(corrections_path)
     if not review_csv.is_file():
         raise StageInputError(review_csv, "label review not found (evaluate writes label_review.csv in its eval dir)")
@@ -122,13 +119,14 @@ def draft_from_review(review_csv: str | Path, crops_table: str | Path, correctio
         listed = set(existing["path"]) if "path" in existing.columns else set()
     else:
         existing, listed = pd.DataFrame(columns=list(CORRECTION_COLUMNS)), set()
-    rows, skipped = [], 0
+    rows, skipped, already = [], 0, 0
     for r in review.itertuples(index=False):
         if r.item not in crops.index:
             skipped += 1
             continue
         source = str(crops.loc[r.item, "source_path"])
         if source in listed:
+            already += 1
             continue
         listed.add(source)
         rows.append({"path": source, "action": "", "label": called.get(r.item, ""), "note": r.detail})
@@ -137,7 +135,4 @@ def draft_from_review(review_csv: str | Path, crops_table: str | Path, correctio
         out = pd.concat([existing, pd.DataFrame(rows)], ignore_index=True)
         out.reindex(columns=list(dict.fromkeys([*CORRECTION_COLUMNS, *existing.columns]))).to_csv(
             corrections_path, index=False)
-    return {"added": len(rows), "already listed": sum(1 for r in review.itertuples(index=False)
-                                                      if r.item in crops.index) - len(rows),
-            "not in this project's crops (skipped)": skipped}
-
+    return {"added": len(rows), "already listed": already, "not in this project's crops (skipped)": skipped}

@@ -137,7 +137,7 @@ def read_manifest(manifest_path: Path) -> pd.DataFrame:
 
 def validate_labels(manifest_path: Path, labels_dir: Path, cfg: ValidateLabelsParams,
                     classes: tuple[str, ...], require_every_class: bool = True,
-                   corrections_path: Path | None = None) -> ValidateResult:
+                    corrections_path: Path | None = None) -> ValidateResult:
     """Classify every manifest row, resolve duplicates, write clean.parquet, review.csv and the agreement files.
 
     corrections_path: a person's relabel/drop decisions (hemaflow/label_corrections.py); a bad row or
