@@ -228,7 +228,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="only the input-pipeline figures, on the work dir's augmented data (run once without first)")
     args = ap.parse_args(argv)
     if args.pipeline_only:
-        base = yaml.safe_load((args.work_dir.resolve() / "params.yaml").read_text())
+        kept = args.work_dir.resolve() / "params.yaml"
+        if not kept.is_file():
+            ap.error(f"--pipeline-only reads {kept}, which a full run with this --work-dir writes; "
+                     "run once without --pipeline-only first")
+        base = yaml.safe_load(kept.read_text())
         cfg = TrainParams(**train_config(base["train"], (args.model or [""])[0], args))
         pipe = time_pipeline(args.work_dir.resolve() / "augmented", cfg, seed=args.seed)
         print(f"input pipeline ({cfg.architecture}, {cfg.image_size} px, batch {cfg.batch_size}):")
