@@ -4,19 +4,15 @@ recipe as its `--set` flags, and `--pipeline-only` without a first run says what
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_bench", ROOT / "benchmarks" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train")
 
 
 def test_pbc64_example_is_the_set_flags_recipe(bench):

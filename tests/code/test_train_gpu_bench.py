@@ -3,21 +3,17 @@ match the pipeline's, and `measure` trains and scores a tiny pack end to end (Te
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_gpu_bench", ROOT / "benchmarks" / "train_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_gpu")
 
 
 def test_jpeg_pack_round_trip(bench):
