@@ -38,7 +38,9 @@ OVERRIDES: list[str] = []
 
 def write_params(dest: Path, example: Path, raw: Path, **parallel) -> Path:
     """The example params with raw_dir -> raw, every output under dest/ and the --set overrides."""
-    params = yaml.safe_load(example.read_text())
+    from hemaflow.config import read_params_dict
+
+    params = read_params_dict(example)  # with `extends:` resolved
     for item in OVERRIDES:
         key, _, value = item.partition("=")
         block, _, name = key.partition(".")

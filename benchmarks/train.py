@@ -37,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hemaflow.config import TrainParams, load_params  # noqa: E402
+from hemaflow.config import TrainParams, load_params, read_params_dict  # noqa: E402
 
 CLASSES = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet")
 # the issue's CPU targets per image size: (accuracy on the test split and the external folder, minutes)
@@ -86,7 +86,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def work_params(base_params: Path, work: Path, raw: Path, external: Path | None) -> dict:
     """The example's params with every path inside the work dir (absolute)."""
-    raw_params = yaml.safe_load(base_params.read_text())
+    raw_params = read_params_dict(base_params)  # with `extends:` resolved
     raw_params["paths"] = {"raw_dir": str(raw), "manifest_path": str(work / "manifest.parquet"),
                            "labels_dir": str(work / "labels"), "crops_dir": str(work / "crops"),
                            "split_path": str(work / "split.parquet"), "augmented_dir": str(work / "augmented"),

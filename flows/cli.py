@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import click
 
-from hemaflow.config import ConfigError, Params, load_params
+from hemaflow.config import ConfigError, Params, load_params, require_no_extends
 from hemaflow.errors import SourceReadError, StageInputError
 from hemaflow.flows.models_cli import _cleanly as _store_errors_cleanly
 from hemaflow.flows.models_cli import models_group, pull_model, resolve_store_url
@@ -273,8 +273,10 @@ def _stage_command(name: str):
         from hemaflow.progress import tqdm_progress
         from hemaflow.tasks.stages import run_stage
 
-        params = load_params(params_path)
         root = params_path.resolve().parent
+        if params_path.name == "params.yaml" and (root / "dvc.yaml").is_file():  # `dvc repro` runs these
+            require_no_extends(params_path)
+        params = load_params(params_path)
         overrides = {k: v.resolve() for k, v in paths.items() if v is not None}
         result = run_stage(name, params, root, overrides, progress=tqdm_progress(name))
         for k, v in result.summary().items():

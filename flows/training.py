@@ -29,7 +29,7 @@ from hemaflow.flows.artifacts import publish_pictures, publish_promotion, publis
 from hemaflow.flows.gpu_job import JOB_STAGES, submit_training
 from hemaflow.flows.parallel import (FlowCluster, dask_task_runner, flow_cluster, is_transient, prefect_batch_runner,
                                      workers_share_prefect_api)
-from hemaflow.config import load_params
+from hemaflow.config import load_params, require_no_extends
 from hemaflow.tasks.stages import BATCHED_STAGES, STAGES, run_stage, stage_paths
 
 RETRIES = {"ingest": 2, "promote": 3}  # segment and augment retry per batch (flows/parallel.py)
@@ -141,6 +141,8 @@ def training_pipeline(params_path: str = "params.yaml", force: bool = False) -> 
     params_file = Path(params_path).resolve()
     root = params_file.parent
     use_dvc = dvc_state.dvc_tracks(root) and params_file.name == "params.yaml"
+    if use_dvc:
+        require_no_extends(params_file)
     params = load_params(params_file)
     outcomes = []
     on_pool = params.train_job.mode == "work_pool"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -334,9 +335,26 @@ class ConfigError(ValueError):
     """params.yaml is missing, unreadable or has a value of the wrong kind."""
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; errors name the file and the offending key."""
-    path = Path(path)
+# Fields holding a path (or a store URL) relative to the params file's folder: an inherited
+# value is rebased so that it names the same place from the extending file's folder.
+_PATH_FIELDS = {"paths": None, "promote": ("store_url",), "search": ("out_dir",), "train_job": ("transfer_url",)}
+
+
+def _rebase(value: Any, parent_dir: Path, child_dir: Path) -> Any:
+    if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
+        return value
+    return os.path.relpath(parent_dir / value, child_dir)
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    """override's keys win; mappings merge key by key, anything else (lists included) is replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_mapping(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
@@ -345,6 +363,54 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of stage blocks, got {type(raw).__name__}")
+    return raw
+
+
+def read_params_dict(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """params.yaml as a plain mapping, with `extends: other.params.yaml` resolved.
+
+    A file that extends another holds only what differs (a recipe variant is then a few lines,
+    not a copy that drifts): the parent, named relative to the child's folder, is read first
+    (it may extend another), the child's blocks are merged over it key by key, and the
+    parent's relative paths are rebased so they name the same files from the child's folder.
+    DVC reads params.yaml's own keys, so the file `dvc repro` uses should not extend another."""
+    path = Path(path)
+    raw = _read_mapping(path)
+    parent_name = raw.pop("extends", None)
+    if parent_name is None:
+        return raw
+    if not isinstance(parent_name, str) or not parent_name.strip():
+        raise ConfigError(f"{path}: 'extends' must name a params file, got {parent_name!r}")
+    parent = (path.parent / parent_name).resolve()
+    chain = (*_chain, path.resolve())
+    if parent in chain:
+        raise ConfigError(f"{path}: 'extends: {parent_name}' makes a cycle: "
+                          + " -> ".join(str(p) for p in (*chain, parent)))
+    if not parent.is_file():
+        raise ConfigError(f"{path}: 'extends: {parent_name}': params file not found at {parent}")
+    base = read_params_dict(parent, chain)
+    for block, fields in _PATH_FIELDS.items():
+        section = base.get(block)
+        if isinstance(section, dict):
+            base[block] = {k: (_rebase(v, parent.parent, path.resolve().parent) if fields is None or k in fields else v)
+                           for k, v in section.items()}
+    return _deep_merge(base, raw)
+
+
+def require_no_extends(path: str | Path) -> None:
+    """The params file DVC reads must hold every value itself: dvc.yaml's ${paths.*} and the
+    per-stage params DVC hashes come from that file's own keys, so an inherited value would be
+    invisible to DVC and a change to it would re-run nothing."""
+    path = Path(path)
+    if "extends" in _read_mapping(path):
+        raise ConfigError(f"{path}: DVC reads this file's own keys, so it cannot use 'extends:' "
+                          "(write the values out, or run the variant with `hemaflow run --params FILE`)")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml (resolving `extends:`); errors name the file and the offending key."""
+    path = Path(path)
+    raw = read_params_dict(path)
     try:
         return Params.model_validate(raw)
     except Exception as exc:  # pydantic.ValidationError: keep its per-key detail

@@ -16,10 +16,10 @@ def bench():
 
 
 def test_pbc64_example_is_the_set_flags_recipe(bench):
-    import yaml
+    from hemaflow.config import read_params_dict
 
     def train(params, spec, minutes=None, epochs=None, sets=()):
-        base = yaml.safe_load((ROOT / "examples" / params).read_text())["train"]
+        base = read_params_dict(ROOT / "examples" / params)["train"]
         return bench.train_config(base, spec, argparse.Namespace(minutes=minutes, epochs=epochs, set=list(sets)))
 
     flags = ["width=48", "depth=1", "stem_stride=2", "subclasses=file_prefix", "calibrate=temperature",
