@@ -22,7 +22,6 @@ import pandas as pd
 import yaml
 
 from hemaflow.config import TrainParams
-from hemaflow.errors import StageInputError
 
 METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "log_loss")
 
@@ -99,13 +98,16 @@ def compare_trials(trials: list[TrialResult], out_dir: Path, metric: str = "bala
 
 def write_back(params_path: Path, point: dict[str, Any]) -> None:
     """Set the best point's values in the params file's `train:` block, keeping every comment
-    and every other line as it is (a key the block lacks is appended to it)."""
+    and every other line as it is (a key the block lacks is appended to it; a file without the
+    block, e.g. one that `extends:` another, gets one at its end)."""
     text = Path(params_path).read_text()
     lines = text.splitlines(keepends=True)
-    try:
-        start = next(i for i, l in enumerate(lines) if re.match(r"^train:\s*(#.*)?$", l))
-    except StopIteration:
-        raise StageInputError(params_path, "has no top-level 'train:' block to write the best params into") from None
+    start = next((i for i, l in enumerate(lines) if re.match(r"^train:\s*(#.*)?$", l)), None)
+    if start is None:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        lines += ["\n", "train:\n"]
+        start = len(lines) - 1
     end = next((i for i in range(start + 1, len(lines)) if re.match(r"^\S", lines[i])), len(lines))
     missing = dict(point)
     for i in range(start + 1, end):

@@ -49,6 +49,19 @@ def test_write_back_keeps_comments_and_other_blocks(tmp_path):
     assert data["search"]["grid"]["kernels"] == [4, 8]
 
 
+
+def test_write_back_adds_a_train_block_to_a_file_that_extends_another(tmp_path):
+    from hemaflow.config import load_params
+
+    (tmp_path / "base.yaml").write_text(PARAMS.format(classes=", ".join(CLASSES)))
+    child = tmp_path / "variant.yaml"
+    child.write_text("# a variant\nextends: base.yaml\nbase:\n  seed: 3")  # no train block, no final newline
+    write_back(child, {"learning_rate": 0.01, "kernels": 8})
+    assert child.read_text().startswith("# a variant\nextends: base.yaml\nbase:\n  seed: 3\n")
+    p = load_params(child)
+    assert (p.train.learning_rate, p.train.kernels, p.base.seed) == (0.01, 8, 3)
+    assert p.train.architecture == load_params(tmp_path / "base.yaml").train.architecture  # still inherited
+
 @pytest.mark.slow
 def test_search_flow_compares_the_grid_and_writes_back_the_best(tmp_path):
     write_dataset(tmp_path / "data" / "augmented", per_split={"train": 8, "val": 4, "test": 2}, size=48)
