@@ -280,8 +280,12 @@ def main(argv: list[str] | None = None) -> dict:
         target = TARGETS.get(train["image_size"])
         rows.append({"model": name, "image_size": train["image_size"], "tta": bool(ev.metrics.get("tta")),
                      "test_accuracy": round(ev.metrics["accuracy"], 4),
+                     "test_accuracy_ci95": [round(ev.metrics["accuracy_ci95_low"], 4),
+                                            round(ev.metrics["accuracy_ci95_high"], 4)],
                      "test_balanced_accuracy": round(ev.metrics["balanced_accuracy"], 4),
                      "external_accuracy": round(ext["accuracy"], 4) if ext else None,
+                     "external_accuracy_ci95": [round(ext["accuracy_ci95_low"], 4),
+                                                round(ext["accuracy_ci95_high"], 4)] if ext else None,
                      "external_balanced_accuracy": round(ext["balanced_accuracy"], 4) if ext else None,
                      "external_n": ext.get("n"), "external_dropped_seen": ext.get("dropped_seen_in_training"),
                      "params": summary["model_parameters"], "epochs_run": result.epochs_run,
@@ -320,6 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
     print("  ".join(str(h).ljust(w) for h, w in zip(head, widths)))
     for t in table:
         print("  ".join(str(v).ljust(w) for v, w in zip(t, widths)))
+    print("accuracy 95% intervals (Wilson; one run above or below a target inside them is not a verdict): "
+          + "; ".join(f"{r['model']}@{r['image_size']} test {r['test_accuracy_ci95'][0]:.4f}-{r['test_accuracy_ci95'][1]:.4f}"
+                      + (f", external {r['external_accuracy_ci95'][0]:.4f}-{r['external_accuracy_ci95'][1]:.4f}"
+                         if r["external_accuracy_ci95"] else "") for r in rows))
     print(f"\ninput pipeline (train split, batch {cfg.batch_size}, {cfg.image_size} px): tf.data "
           f"{pipe['tfdata_images_per_s']:,} images/s (with online augmentation {pipe['tfdata_augmented_images_per_s']:,}); "
           f"in-memory tensors {pipe['in_memory_images_per_s']:,} images/s; ratio {pipe['ratio']} "

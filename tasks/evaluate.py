@@ -218,7 +218,8 @@ def write_report(out_dir: Path, pred: SplitPredictions, image_root: Path, cfg: E
     pd.DataFrame(rel_bins).to_csv(out_dir / "reliability.csv", index=False)
     n = len(pred.paths)
     plot_confusion_matrix(cm, classes, out_dir / "confusion_matrix.png",
-                          title=f"{name}: accuracy {overall['accuracy']:.3f}, balanced {overall['balanced_accuracy']:.3f} (n={n})")
+                          title=f"{name}: accuracy {overall['accuracy']:.3f} (95% CI {overall['accuracy_ci95_low']:.3f}-"
+                                f"{overall['accuracy_ci95_high']:.3f}), balanced {overall['balanced_accuracy']:.3f} (n={n})")
     plot_reliability(rel_bins, overall["ece"], out_dir / "reliability_diagram.png", title=f"{name}: reliability")
     is_wrong = pred.y_pred != pred.y_true
     n_wrong = int(is_wrong.sum())

@@ -52,3 +52,18 @@ def test_mcnemar_exact():
     assert out["only_first_right"] == 5 and out["only_second_right"] == 1
     assert out["p_value"] == pytest.approx(2 * (1 + 6) / 64)  # two-sided binomial, n=6, k<=1
     assert mcnemar_exact(a, a)["p_value"] == 1.0
+
+
+def test_accuracy_interval_is_wilson_and_reported_with_the_accuracy():
+    """10 errors in 1,025 images: 0.9902, whose 95 % interval (0.982-0.995) straddles 0.99."""
+    from hemaflow.scoring import accuracy_interval, score_predictions
+
+    low, high = accuracy_interval(1015, 1025)
+    assert low == pytest.approx(0.98213, abs=1e-4) and high == pytest.approx(0.99469, abs=1e-4)
+    assert accuracy_interval(10, 10)[1] == 1.0 and accuracy_interval(10, 10)[0] == pytest.approx(0.7225, abs=1e-3)
+    assert accuracy_interval(0, 0) == (0.0, 1.0)
+    y = np.array([0] * 90 + [1] * 10)
+    overall, _, _ = score_predictions(y, np.where(np.arange(100) < 5, 1, y), ("a", "b"))
+    assert overall["accuracy"] == 0.95
+    assert overall["accuracy_ci95_low"] < 0.95 < overall["accuracy_ci95_high"]
+    assert (overall["accuracy_ci95_low"], overall["accuracy_ci95_high"]) == accuracy_interval(95, 100)
