@@ -208,8 +208,8 @@ class TrainParams(_Frozen):
     augmentation_layers: bool = False             # Keras random layers (any-angle rotation, zoom) inside the model
     devices: str = Field("auto", pattern=r"^(auto|cpu|gpu|cpu:[1-9][0-9]*)$")
     patience: int = Field(4, ge=1)  # epochs without val-loss improvement before stopping
-    # cosine_time only: early stopping may stop once this share of max_minutes is spent (the best
-    # epoch is tracked from the start): val loss is noisy while the rate is still high
+    # cosine_time only: early stopping may stop, and an epoch may count as the best, once this share
+    # of max_minutes is spent: val loss is noisy while the rate is still high
     early_stop_after: float = Field(0.5, ge=0, le=1)
     # best: the weights of the epoch with the lowest val loss; last: the final epoch's, the end of
     # an annealed schedule (a noisy val loss can pick a mid-schedule epoch: 129 of 200 at 40 % of

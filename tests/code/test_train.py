@@ -357,6 +357,8 @@ def test_time_cosine_anneals_by_the_epoch_cap_when_it_comes_first(tmp_path):
     assert result.epochs_run == 6 and max(lr) == pytest.approx(0.01, rel=1e-3)
     assert all(a >= b for a, b in zip(lr[1:], lr[2:]))  # falls after the warm-up
     assert lr[-1] < 0.01 * 0.01   # on time alone (seconds of a 30-minute budget) it would still be ~0.01
+    # the hold (half of 30 minutes) never ended: the annealed last epoch is the one kept
+    assert json.loads((tmp_path / "model" / "train_summary.json").read_text())["best_epoch"] == 6
 
 
 def test_batched_dihedral_augmentation_gives_one_of_the_eight_views_per_image():
@@ -395,7 +397,7 @@ def test_temperature_calibration_rescales_the_same_training(trained, tmp_path):
 
 
 @pytest.mark.parametrize("schedule, after, spent, stops_at", [
-    ("cosine_time", 0.5, 0.0, None),    # first half of the budget: tracks the best, never stops
+    ("cosine_time", 0.5, 0.0, None),    # first half of the budget: no best, never stops
     ("cosine_time", 0.5, 400.0, 1),     # a resumed job already past half the budget stops as usual
     ("cosine_time", 0.0, 0.0, 1),
     ("cosine", 0.5, 0.0, 1),            # epoch-based schedules: plain early stopping
@@ -414,7 +416,29 @@ def test_early_stopping_waits_for_the_time_schedule_to_anneal(schedule, after, s
         if getattr(model, "stop_training", False) and stopped is None:
             stopped = epoch
     assert stopped == stops_at
-    assert stopper.best == 1.0 and stopper.best_weights is not None  # the best epoch is tracked throughout
+    if stops_at is None:  # still mid-schedule: nothing to restore, the last weights are kept
+        assert stopper.tracked_from is None and stopper.best_weights is None
+    else:
+        assert stopper.tracked_from == 1 and stopper.best == 1.0 and stopper.best_weights is not None
+
+
+def test_a_dip_in_the_validation_loss_mid_schedule_is_not_the_best_epoch(monkeypatch):
+    """cosine_time: an epoch that ends before early_stop_after of the budget cannot be the best
+    (a 64 px PBC run kept epoch 101 of 220, at half the peak rate, for such a dip)."""
+    import time as _time
+
+    from hemaflow.tasks.train import _early_stopping
+
+    clock = iter(range(0, 10_000, 100))  # every call to the clock: 100 s later
+    monkeypatch.setattr(_time, "perf_counter", lambda: float(next(clock)))
+    cfg = TrainParams(epochs=50, patience=50, lr_schedule="cosine_time", max_minutes=10, early_stop_after=0.5)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    stopper = _early_stopping(cfg, "val_loss")
+    stopper.set_model(model)
+    stopper.on_train_begin()                                  # t = 0; the hold lasts 300 s
+    for epoch, loss in enumerate([0.5, 2.0, 1.0, 1.5]):       # epochs end at 100, 200, 300, 400 s
+        stopper.on_epoch_end(epoch, {"val_loss": loss})
+    assert stopper.tracked_from == 3 and stopper.best == 1.0 and stopper.best_epoch == 2
 
 
 def test_any_angle_rotation_turns_each_image_about_its_centre():
