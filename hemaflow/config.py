@@ -381,8 +381,9 @@ def read_params_dict(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
         return raw
     if not isinstance(parent_name, str) or not parent_name.strip():
         raise ConfigError(f"{path}: 'extends' must name a params file, got {parent_name!r}")
+    here = path.resolve()
     parent = (path.parent / parent_name).resolve()
-    chain = (*_chain, path.resolve())
+    chain = (*_chain, here)
     if parent in chain:
         raise ConfigError(f"{path}: 'extends: {parent_name}' makes a cycle: "
                           + " -> ".join(str(p) for p in (*chain, parent)))
@@ -392,7 +393,7 @@ def read_params_dict(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     for block, fields in _PATH_FIELDS.items():
         section = base.get(block)
         if isinstance(section, dict):
-            base[block] = {k: (_rebase(v, parent.parent, path.resolve().parent) if fields is None or k in fields else v)
+            base[block] = {k: (_rebase(v, parent.parent, here.parent) if fields is None or k in fields else v)
                            for k, v in section.items()}
     return _deep_merge(base, raw)
 
