@@ -205,6 +205,9 @@ class TrainParams(_Frozen):
     # online: MixUp's Beta(alpha, alpha) (0 = off; 0.2 as in the paper): each train image blended
     # with another and the one-hot targets alike
     mixup_alpha: float = Field(0.0, ge=0, le=1)
+    # online: Cutout (DeVries & Taylor 2017): a square of this fraction of the side, centred anywhere
+    # in the image (clipped at the border), filled with the image's mean colour (0 = off)
+    cutout_frac: float = Field(0.0, ge=0, le=0.5)
     augmentation_layers: bool = False             # Keras random layers (any-angle rotation, zoom) inside the model
     devices: str = Field("auto", pattern=r"^(auto|cpu|gpu|cpu:[1-9][0-9]*)$")
     patience: int = Field(4, ge=1)  # epochs without val-loss improvement before stopping
@@ -256,9 +259,11 @@ class TrainParams(_Frozen):
         return self
 
     @model_validator(mode="after")
-    def _mixup_is_online(self):
+    def _batch_views_are_online(self):
         if self.mixup_alpha > 0 and not self.online_augmentation:
             raise ValueError("mixup_alpha mixes train batches in tf.data: it needs online_augmentation: true")
+        if self.cutout_frac > 0 and not self.online_augmentation:
+            raise ValueError("cutout_frac masks train batches in tf.data: it needs online_augmentation: true")
         return self
 
     @model_validator(mode="after")

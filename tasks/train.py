@@ -160,7 +160,28 @@ def rotate_batch(images, radians):
 def online_augment_options(cfg: TrainParams) -> dict:
     """make_image_dataset's augment options from the train params (used by training and the benchmark)."""
     return {"shift_frac": cfg.shift_frac, "colour_jitter": cfg.colour_jitter, "rotation_deg": cfg.rotation_deg,
-            "mixup_alpha": cfg.mixup_alpha}
+            "mixup_alpha": cfg.mixup_alpha, "cutout_frac": cfg.cutout_frac}
+
+
+def cutout_batch(images, seed, frac: float):
+    """Cutout (DeVries & Taylor 2017) on a float (N, H, W, 3) batch: in each image a square of
+    round(frac x side) pixels, centred on a uniform random pixel (so clipped where it crosses the
+    border), is set to that image's mean colour. Stateless from a seed of shape (2,), like the
+    other online views: a cell the network cannot always see whole must be read from all its parts."""
+    import tensorflow as tf
+
+    shape = tf.shape(images)
+    n, h, w = shape[0], shape[1], shape[2]
+    side = tf.maximum(1, tf.cast(tf.round(frac * tf.cast(tf.minimum(h, w), tf.float32)), tf.int32))
+    s = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
+    cy = tf.random.stateless_uniform((n,), s[0], 0, h, dtype=tf.int32)
+    cx = tf.random.stateless_uniform((n,), s[1], 0, w, dtype=tf.int32)
+    y0, x0 = cy - side // 2, cx - side // 2
+    ys, xs = tf.range(h)[None, :, None], tf.range(w)[None, None, :]
+    inside = ((ys >= y0[:, None, None]) & (ys < (y0 + side)[:, None, None])
+              & (xs >= x0[:, None, None]) & (xs < (x0 + side)[:, None, None]))
+    fill = tf.reduce_mean(images, axis=(1, 2), keepdims=True)
+    return tf.where(inside[..., None], fill, images)
 
 
 def mixup_batch(images, labels, seed, alpha: float):
@@ -186,7 +207,8 @@ def make_image_dataset(paths: list[str], labels: list[int], image_size: int, bat
                        augment: dict | None = None, augment_seed: int = 0):
     """tf.data pipeline streaming from the files: decode + resize once, cached as uint8 (a
     quarter of float32's memory), optionally shuffled per epoch and augmented (augment:
-    augment_image keyword arguments, plus rotation_deg for augment_batch_rotate; a fresh random
+    augment_image keyword arguments, plus rotation_deg for augment_batch_rotate, cutout_frac for
+    cutout_batch and mixup_alpha for mixup_batch; a fresh random
     view every epoch, reproducible from augment_seed), batched, prefetched. Labels are one-hot
     when n_classes is given."""
     import tensorflow as tf
@@ -194,6 +216,7 @@ def make_image_dataset(paths: list[str], labels: list[int], image_size: int, bat
     augment = dict(augment) if augment is not None else None
     rotation_deg = augment.pop("rotation_deg", 0.0) if augment is not None else 0.0
     mixup_alpha = augment.pop("mixup_alpha", 0.0) if augment is not None else 0.0
+    cutout_frac = augment.pop("cutout_frac", 0.0) if augment is not None else 0.0
     if mixup_alpha > 0 and n_classes is None:
         raise ValueError("mixup needs one-hot labels (n_classes)")
 
@@ -224,6 +247,10 @@ def make_image_dataset(paths: list[str], labels: list[int], image_size: int, bat
     if rotation_deg > 0:  # one projective transform per batch (per-image angles), on float pixels
         seeds = tf.data.Dataset.random(seed=augment_seed + 1, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip(ds, seeds).map(lambda xy, s: (augment_batch_rotate(xy[0], s, rotation_deg), xy[1]),
+                                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if cutout_frac > 0:  # per batch, on float pixels, before mixing
+        seeds = tf.data.Dataset.random(seed=augment_seed + 3, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds).map(lambda xy, s: (cutout_batch(xy[0], s, cutout_frac), xy[1]),
                                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if mixup_alpha > 0:  # last: mixes the augmented views, per batch
         seeds = tf.data.Dataset.random(seed=augment_seed + 2, rerandomize_each_iteration=True).batch(2)

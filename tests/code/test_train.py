@@ -504,6 +504,40 @@ def test_mixup_blends_each_image_and_its_target_with_the_same_partner_and_weight
     np.testing.assert_array_equal(again, xm)  # stateless: the same seed, the same mix
 
 
+def test_cutout_sets_one_clipped_square_per_image_to_its_mean_colour():
+    import tensorflow as tf
+
+    from hemaflow.tasks.train import cutout_batch
+
+    x = np.random.default_rng(2).integers(0, 256, (24, 20, 20, 3)).astype("float32")
+    out = cutout_batch(tf.constant(x), tf.constant([3, 4], tf.int64), 0.25).numpy()  # a 5x5 square
+    areas = []
+    for i in range(len(x)):
+        mean = x[i].mean(axis=(0, 1))
+        cut = np.all(np.isclose(out[i], mean, atol=1e-3), axis=-1)
+        np.testing.assert_array_equal(out[i][~cut], x[i][~cut])  # the rest of the image is untouched
+        ys, xs = np.nonzero(cut)
+        assert cut.sum() == (np.ptp(ys) + 1) * (np.ptp(xs) + 1)  # one axis-aligned rectangle
+        assert np.ptp(ys) < 5 and np.ptp(xs) < 5
+        areas.append(int(cut.sum()))
+    assert 25 in areas and min(areas) < 25  # whole squares inside, clipped ones at the border
+    again = cutout_batch(tf.constant(x), tf.constant([3, 4], tf.int64), 0.25).numpy()
+    np.testing.assert_array_equal(again, out)  # stateless: the same seed, the same squares
+
+
+def test_cutout_runs_in_the_training_pipeline_and_needs_online_augmentation(tmp_path):
+    with pytest.raises(ValueError, match="cutout_frac .* needs online_augmentation"):
+        TrainParams(cutout_frac=0.25)
+    df = write_dataset(tmp_path, {"train": 2}, size=20)
+    paths = [str(tmp_path / p) for p in df["path"]]
+    labels = [CLASSES.index(c) for c in df["label"]]
+    aug = {"shift_frac": 0.0, "colour_jitter": 0.0, "rotation_deg": 0.0, "cutout_frac": 0.5}
+    x = next(iter(make_image_dataset(paths, labels, 16, len(paths), n_classes=len(CLASSES), augment=aug)))[0].numpy()
+    plain = next(iter(make_image_dataset(paths, labels, 16, len(paths), n_classes=len(CLASSES))))[0].numpy()
+    assert x.shape == plain.shape and aug["cutout_frac"] == 0.5
+    assert not np.array_equal(np.sort(x.ravel()), np.sort(plain.ravel()))  # pixels were replaced, not only moved
+
+
 def _blend_weight(a, b, out):
     """w with out = w a + (1 - w) b (least squares), or None if no such w fits."""
     d = (a - b).ravel()
