@@ -95,14 +95,3 @@ def true_class_ranks(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
 def top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
     return float(np.mean(true_class_ranks(y_true, probs) <= k)) if len(y_true) else 0.0
 
-
-def mcnemar_exact(a_right: np.ndarray, b_right: np.ndarray) -> dict:
-    """Paired test on the same images: b01 = only A right, b10 = only B right; exact two-sided
-    binomial p-value on the discordant pairs (valid for small counts, unlike the chi-square)."""
-    from scipy.stats import binomtest
-
-    a_right, b_right = np.asarray(a_right, bool), np.asarray(b_right, bool)
-    only_a, only_b = int((a_right & ~b_right).sum()), int((b_right & ~a_right).sum())
-    n = only_a + only_b
-    p = 1.0 if n == 0 else float(binomtest(only_a, n, 0.5, alternative="two-sided").pvalue)
-    return {"only_first_right": only_a, "only_second_right": only_b, "discordant": n, "p_value": p}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hemaflow.scoring import mcnemar_exact, one_vs_rest_auc, reliability, top_k_accuracy, true_class_ranks
+from hemaflow.scoring import one_vs_rest_auc, reliability, top_k_accuracy, true_class_ranks
 
 
 def test_auc_per_class_and_macro():
@@ -43,15 +43,6 @@ def test_ranks_and_top_k():
     probs = np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.5, 0.3, 0.2]])
     assert true_class_ranks(y, probs).tolist() == [1, 2, 3]
     assert top_k_accuracy(y, probs, 1) == pytest.approx(1 / 3) and top_k_accuracy(y, probs, 2) == pytest.approx(2 / 3)
-
-
-def test_mcnemar_exact():
-    a = np.array([1, 1, 1, 1, 1, 1, 1, 0, 1, 1], bool)
-    b = np.array([1, 0, 0, 0, 0, 0, 1, 1, 1, 1], bool)
-    out = mcnemar_exact(a, b)
-    assert out["only_first_right"] == 5 and out["only_second_right"] == 1
-    assert out["p_value"] == pytest.approx(2 * (1 + 6) / 64)  # two-sided binomial, n=6, k<=1
-    assert mcnemar_exact(a, a)["p_value"] == 1.0
 
 
 def test_accuracy_interval_is_wilson_and_reported_with_the_accuracy():
