@@ -97,9 +97,6 @@ def version_tag(version: int) -> str:
     return f"v{version:04d}"
 
 
-ALIASES = ("production", "latest")
-
-
 def parse_version(spec: str | int) -> int | None:
     """'latest' -> None; 3, '3', 'v3', 'v0003' -> 3; anything else -> ValueError.
     ('production' is resolved by the store, see ModelStore.resolve.)"""

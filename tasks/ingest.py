@@ -60,11 +60,6 @@ def _limits(cfg: IngestParams | None) -> dict:
     return {"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_file_bytes}
 
 
-def describe_image(path: Path, cfg: IngestParams | None = None) -> dict:
-    """Hash and decode one file: sha256, phash, size, channels, or the reason it is unusable."""
-    return describe_bytes(_read(path), path.suffix.lower(), **_limits(cfg))
-
-
 def _read(path: Path) -> bytes:
     """The file's bytes. A read failure (permission, I/O error on a mount) stops the stage: it is
     not a property of the image, and recording it as unreadable would silently shrink the data."""

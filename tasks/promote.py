@@ -20,7 +20,6 @@ import json
 import math
 import os
 import socket
-import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -138,16 +137,6 @@ def check_metrics_belong_to(metrics: dict[str, Any], metrics_path: Path, folder:
 def summarize_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """Top-level scalars (figures, split, n); per-class detail stays in metrics.json."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
-
-
-def read_git_commit(path: Path) -> str | None:
-    """HEAD commit of the repository holding path, or None outside git / before a commit."""
-    try:
-        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def write_promotion(promotion_path: Path, result: PromotionResult) -> None:

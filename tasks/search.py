@@ -23,8 +23,6 @@ import yaml
 
 from hemaflow.config import TrainParams
 
-METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "log_loss")
-
 
 @dataclass(frozen=True)
 class TrialResult:

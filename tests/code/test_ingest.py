@@ -7,7 +7,8 @@ import pytest
 
 from hemaflow.config import IngestParams
 from hemaflow.errors import StageInputError
-from hemaflow.tasks.ingest import describe_image, ingest, read_labels_csv
+from hemaflow.imageio import describe_bytes
+from hemaflow.tasks.ingest import ingest, read_labels_csv
 
 CFG = IngestParams()
 
@@ -98,10 +99,8 @@ def test_errors_name_the_file(tmp_path, raw):
         ingest(raw, tmp_path / "m.parquet", CFG)
 
 
-def test_describe_image_empty_file(tmp_path):
-    p = tmp_path / "e.jpg"
-    p.write_bytes(b"")
-    assert describe_image(p)["error"].startswith("empty_file")
+def test_describe_bytes_empty_file():
+    assert describe_bytes(b"", ".jpg")["error"].startswith("empty_file")
 
 
 # --- new columns, faults and reader selection -------------------------------------------------
