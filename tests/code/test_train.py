@@ -189,10 +189,14 @@ def test_augment_image_without_shift_or_jitter_is_a_flip_or_90_degree_rotation()
     assert len(seen) >= 6  # all eight views occur; 24 draws see most of them
 
 
-def test_pipeline_streams_whole_pixel_images_with_one_hot_labels(tmp_path):
+def _small_train_set(tmp_path) -> tuple[list[str], list[int]]:
+    """Two 20 px train images per class on disk: paths and class indices for make_image_dataset."""
     df = write_dataset(tmp_path, {"train": 2}, size=20)
-    paths = [str(tmp_path / p) for p in df["path"]]
-    labels = [CLASSES.index(c) for c in df["label"]]
+    return [str(tmp_path / p) for p in df["path"]], [CLASSES.index(c) for c in df["label"]]
+
+
+def test_pipeline_streams_whole_pixel_images_with_one_hot_labels(tmp_path):
+    paths, labels = _small_train_set(tmp_path)
     ds = make_image_dataset(paths, labels, 16, 4, shuffle_seed=0, n_classes=len(CLASSES),
                             augment={"shift_frac": 0.1, "colour_jitter": 0.1}, augment_seed=3)
     batches = list(ds)
@@ -470,9 +474,7 @@ def test_any_angle_rotation_turns_each_image_about_its_centre():
 
 
 def test_pipeline_rotation_keeps_shapes_and_is_only_for_training(tmp_path):
-    df = write_dataset(tmp_path, {"train": 2}, size=20)
-    paths = [str(tmp_path / p) for p in df["path"]]
-    labels = [CLASSES.index(c) for c in df["label"]]
+    paths, labels = _small_train_set(tmp_path)
     aug = {"shift_frac": 0.0, "colour_jitter": 0.0, "rotation_deg": 45.0}
     ds = make_image_dataset(paths, labels, 16, 4, shuffle_seed=0, n_classes=len(CLASSES), augment=aug, augment_seed=3)
     x, y = next(iter(ds))
@@ -528,9 +530,7 @@ def test_cutout_sets_one_clipped_square_per_image_to_its_mean_colour():
 def test_cutout_runs_in_the_training_pipeline_and_needs_online_augmentation(tmp_path):
     with pytest.raises(ValueError, match="cutout_frac .* needs online_augmentation"):
         TrainParams(cutout_frac=0.25)
-    df = write_dataset(tmp_path, {"train": 2}, size=20)
-    paths = [str(tmp_path / p) for p in df["path"]]
-    labels = [CLASSES.index(c) for c in df["label"]]
+    paths, labels = _small_train_set(tmp_path)
     aug = {"shift_frac": 0.0, "colour_jitter": 0.0, "rotation_deg": 0.0, "cutout_frac": 0.5}
     x = next(iter(make_image_dataset(paths, labels, 16, len(paths), n_classes=len(CLASSES), augment=aug)))[0].numpy()
     plain = next(iter(make_image_dataset(paths, labels, 16, len(paths), n_classes=len(CLASSES))))[0].numpy()
@@ -550,9 +550,7 @@ def _blend_weight(a, b, out):
 def test_mixup_runs_in_the_training_pipeline_and_needs_online_augmentation(tmp_path):
     with pytest.raises(ValueError, match="mixup_alpha .* needs online_augmentation"):
         TrainParams(mixup_alpha=0.2)
-    df = write_dataset(tmp_path, {"train": 2}, size=20)
-    paths = [str(tmp_path / p) for p in df["path"]]
-    labels = [CLASSES.index(c) for c in df["label"]]
+    paths, labels = _small_train_set(tmp_path)
     aug = {"shift_frac": 0.0, "colour_jitter": 0.0, "rotation_deg": 0.0, "mixup_alpha": 0.4}
     ds = make_image_dataset(paths, labels, 16, len(paths), shuffle_seed=0, n_classes=len(CLASSES), augment=aug)
     x, y = next(iter(ds))
