@@ -220,6 +220,12 @@ def make_image_dataset(paths: list[str], labels: list[int], image_size: int, bat
     if mixup_alpha > 0 and n_classes is None:
         raise ValueError("mixup needs one-hot labels (n_classes)")
 
+    def with_seeds(ds, seed: int, fn):
+        """ds mapped by fn(x, y, s), s a fresh stateless seed (shape (2,)) per element and epoch."""
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        return tf.data.Dataset.zip(ds, seeds).map(lambda xy, s: fn(xy[0], xy[1], s),
+                                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
     ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, dtype=np.int32)))
     ds = ds.map(lambda p, y: (tf.cast(load_image(p, image_size), tf.uint8), y),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -228,14 +234,10 @@ def make_image_dataset(paths: list[str], labels: list[int], image_size: int, bat
         ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
     dihedral_only = augment is not None and not augment.get("shift_frac") and not augment.get("colour_jitter")
     if augment is not None and not dihedral_only:
-        seeds = tf.data.Dataset.random(seed=augment_seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip(ds, seeds).map(lambda xy, s: (augment_image(xy[0], s, **augment), xy[1]),
-                                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = with_seeds(ds, augment_seed, lambda x, y, s: (augment_image(x, s, **augment), y))
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if dihedral_only:  # flips and 90-degree turns only: one vectorised op per batch, not per image
-        seeds = tf.data.Dataset.random(seed=augment_seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip(ds, seeds).map(lambda xy, s: (augment_batch_dihedral(xy[0], s), xy[1]),
-                                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = with_seeds(ds, augment_seed, lambda x, y, s: (augment_batch_dihedral(x, s), y))
 
     # on whole batches, after the flips: per-image maps here halved training speed, and turning
     # uint8 rather than float32 pixels moves a quarter of the bytes (at 64 px the float32 flips
@@ -245,17 +247,11 @@ def make_image_dataset(paths: list[str], labels: list[int], image_size: int, bat
 
     ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if rotation_deg > 0:  # one projective transform per batch (per-image angles), on float pixels
-        seeds = tf.data.Dataset.random(seed=augment_seed + 1, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip(ds, seeds).map(lambda xy, s: (augment_batch_rotate(xy[0], s, rotation_deg), xy[1]),
-                                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = with_seeds(ds, augment_seed + 1, lambda x, y, s: (augment_batch_rotate(x, s, rotation_deg), y))
     if cutout_frac > 0:  # per batch, on float pixels, before mixing
-        seeds = tf.data.Dataset.random(seed=augment_seed + 3, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip(ds, seeds).map(lambda xy, s: (cutout_batch(xy[0], s, cutout_frac), xy[1]),
-                                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = with_seeds(ds, augment_seed + 3, lambda x, y, s: (cutout_batch(x, s, cutout_frac), y))
     if mixup_alpha > 0:  # last: mixes the augmented views, per batch
-        seeds = tf.data.Dataset.random(seed=augment_seed + 2, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip(ds, seeds).map(lambda xy, s: mixup_batch(xy[0], xy[1], s, mixup_alpha),
-                                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = with_seeds(ds, augment_seed + 2, lambda x, y, s: mixup_batch(x, y, s, mixup_alpha))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
