@@ -33,3 +33,54 @@ def test_pipeline_only_without_a_first_run_names_the_missing_file(bench, tmp_pat
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "empty" / "params.yaml") in err and "without --pipeline-only" in err
+
+
+def _bench_run(work, seed, test_wrong, ext_wrong, n=100, train=None, minutes=57.0):
+    """A finished benchmarks/train.py work dir as the run leaves it (files, not a trained model):
+    n test and n external predictions, the named file names called wrong."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    tag = "resnet_small_64"
+    (work / "models" / tag).mkdir(parents=True)
+    (work / "eval" / tag / "external").mkdir(parents=True)
+    (work / "holdout.json").write_text(json.dumps({"data": "/data/pbc", "frac": 0.1, "seed": seed, "counts": {}}))
+    (work / "models" / tag / "train_summary.json").write_text(json.dumps({"seconds": minutes * 60}))
+    (work / "eval" / tag / "metrics.json").write_text("{}")
+    (work / f"params_{tag}.yaml").write_text(yaml.safe_dump(
+        {"paths": {"raw_dir": str(work / "raw")}, "train": train or {"width": 48, "image_size": 64}}))
+    for part, wrong in (("", test_wrong), ("external", ext_wrong)):
+        names = [f"{part or 'test'}_{i}.png" for i in range(n - len(wrong))] + list(wrong)
+        pd.DataFrame({"path": [f"images/ig/{x}" for x in names], "label": "ig",
+                      "predicted": ["ig" if x not in wrong else "neutrophil" for x in names]}
+                     ).to_csv(work / "eval" / tag / part / "predictions.csv", index=False)
+    return work
+
+
+def test_pool_sums_errors_over_folders_and_names_shared_ones(bench, tmp_path, capsys):
+    a = _bench_run(tmp_path / "a", 1, ["MMY_1.png", "BNE_2.png"], ["MY_3.png"])
+    b = _bench_run(tmp_path / "b", 2, ["MMY_1.png"], [])
+    result = bench.main(["--pool", str(a), str(b)])
+    test, ext = result["pooled"]["test"], result["pooled"]["external"]
+    assert (test["n"], test["errors"], test["accuracy"]) == (200, 3, 0.985)
+    assert (ext["n"], ext["errors"], ext["accuracy"]) == (200, 1, 0.995)
+    assert test["wrong_in_several_folders"] == ["images/ig/MMY_1.png"] and ext["wrong_in_several_folders"] == []
+    assert test["distinct_images"] == 101  # test_0..98 and MMY_1 are in both folders (overlapping splits)
+    assert test["accuracy_ci95"][0] < 0.985 < test["accuracy_ci95"][1]
+    assert result["meets_target"] is False  # 0.985 < 0.99 on the internal split
+    out = capsys.readouterr().out
+    assert "pooled" in out and "3/200" in out and out.strip().splitlines()[-1].startswith('{"benchmark": "train_pool"')
+
+
+def test_pool_refuses_the_same_folder_twice_and_another_recipe(bench, tmp_path):
+    a = _bench_run(tmp_path / "a", 1, [], [])
+    same_seed = _bench_run(tmp_path / "b", 1, [], [])
+    with pytest.raises(SystemExit, match="both held out seed 1"):
+        bench.main(["--pool", str(a), str(same_seed)])
+    other = _bench_run(tmp_path / "c", 2, [], [], train={"width": 32, "image_size": 64})
+    with pytest.raises(SystemExit, match=r"another recipe .*train.width: 48 vs 32"):
+        bench.main(["--pool", str(a), str(other)])
+    with pytest.raises(SystemExit, match="no holdout.json"):
+        bench.main(["--pool", str(a), str(tmp_path)])
