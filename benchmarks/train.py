@@ -283,8 +283,7 @@ def pool_runs(work_dirs: list[Path], tag: str | None = None) -> dict:
     from hemaflow.scoring import accuracy_interval
 
     tag = first["tag"]
-    size = int(tag.rsplit("_", 1)[-1])
-    target = TARGETS.get(size)
+    target = TARGETS.get(recipe["train"]["image_size"])
     rows, pooled = [], {}
     wrong_in: dict[str, dict[str, list[int]]] = {"test": {}, "external": {}}
     for r in runs:

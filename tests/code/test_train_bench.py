@@ -80,7 +80,7 @@ def test_pool_refuses_the_same_folder_twice_and_another_recipe(bench, tmp_path):
     with pytest.raises(SystemExit, match="both held out seed 1"):
         bench.main(["--pool", str(a), str(same_seed)])
     other = _bench_run(tmp_path / "c", 2, [], [], train={"width": 32, "image_size": 64})
-    with pytest.raises(SystemExit, match=r"another recipe .*train.width: 48 vs 32"):
+    with pytest.raises(SystemExit, match=r"another recipe .*train\.width: 48 vs 32"):
         bench.main(["--pool", str(a), str(other)])
     with pytest.raises(SystemExit, match="no holdout.json"):
         bench.main(["--pool", str(a), str(tmp_path)])
