@@ -203,6 +203,14 @@ def fit_rates(pipeline_ds, memory_ds, cfg: TrainParams, seed: int, seconds: floa
             "fit_steps": steps}
 
 
+def print_table(head: tuple, table: list[tuple]) -> None:
+    """Columns padded to their widest cell."""
+    widths = [max(len(str(h)), *(len(str(row[i])) for row in table)) for i, h in enumerate(head)]
+    print("  ".join(str(h).ljust(w) for h, w in zip(head, widths)))
+    for row in table:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
+
+
 # ------------------------------------------------------------------ pooling folders
 
 def _recipe(params_file: Path) -> dict:
@@ -303,19 +311,18 @@ def pool_runs(work_dirs: list[Path], tag: str | None = None) -> dict:
             agg["errors"] += len(wrong)
             agg["images"] |= scored
         rows.append(row)
-    summary = {}
+    figures = {}
     for part, agg in pooled.items():
-        acc = 1 - agg["errors"] / agg["n"]
         low, high = accuracy_interval(agg["n"] - agg["errors"], agg["n"])
-        summary[part] = {"n": agg["n"], "distinct_images": len(agg["images"]), "errors": agg["errors"],
-                         "accuracy": round(acc, 4), "accuracy_ci95": [round(low, 4), round(high, 4)],
+        figures[part] = {"n": agg["n"], "distinct_images": len(agg["images"]), "errors": agg["errors"],
+                         "accuracy": round(1 - agg["errors"] / agg["n"], 4), "accuracy_ci95": [round(low, 4), round(high, 4)],
                          "wrong_in_several_folders": sorted(k for k, v in wrong_in[part].items() if len(v) > 1)}
     meets = None
     if target:
-        meets = bool(all(summary[p]["accuracy"] >= target[0] for p in summary)
+        meets = bool(all(1 - agg["errors"] / agg["n"] >= target[0] for agg in pooled.values())
                      and max(r["training_minutes"] for r in rows) <= target[1])
     return {"benchmark": "train_pool", "model": tag, "recipe_train": recipe.get("train"), "runs": rows,
-            "pooled": summary, "target": list(target) if target else None, "meets_target": meets}
+            "pooled": figures, "target": list(target) if target else None, "meets_target": meets}
 
 
 def print_pool(result: dict) -> None:
@@ -326,11 +333,8 @@ def print_pool(result: dict) -> None:
     t, e = result["pooled"]["test"], result["pooled"]["external"]
     table.append(("pooled", "", f"{t['accuracy']:.4f}", f"{t['errors']}/{t['n']}", f"{e['accuracy']:.4f}",
                   f"{e['errors']}/{e['n']}", f"{len(result['runs'])} folders"))
-    widths = [max(len(str(h)), *(len(str(row[i])) for row in table)) for i, h in enumerate(head)]
     print(f"{result['model']} pooled over {len(result['runs'])} held-out folders (one recipe, different seeds):")
-    print("  ".join(str(h).ljust(w) for h, w in zip(head, widths)))
-    for row in table:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
+    print_table(head, table)
     for part, label in (("test", "internal test"), ("external", "external")):
         p = result["pooled"][part]
         print(f"{label}: {p['accuracy']:.4f} (Wilson 95% {p['accuracy_ci95'][0]:.4f}-{p['accuracy_ci95'][1]:.4f}) "
@@ -464,15 +468,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['params']:,}", f"{r['epochs_run']} (best {r['best_epoch']})",
               f"{r['training_minutes']:.1f}" + (f" (+{r['init_model_minutes']:.1f})" if r["init_model"] else ""),
               f"{r['train_images_per_s']:.0f}") for r in rows]
-    widths = [max(len(str(h)), *(len(str(t[i])) for t in table)) for i, h in enumerate(head)]
     print()
     if holdout:
         print(f"external folder: {sum(c['external'] for c in holdout.values())} PBC images held out "
               f"({args.holdout_frac:.0%} per class, seed {args.seed}); trained on the other "
               f"{sum(c['kept'] for c in holdout.values())}")
-    print("  ".join(str(h).ljust(w) for h, w in zip(head, widths)))
-    for t in table:
-        print("  ".join(str(v).ljust(w) for v, w in zip(t, widths)))
+    print_table(head, table)
     print("accuracy 95% intervals (Wilson; one run above or below a target inside them is not a verdict): "
           + "; ".join(f"{r['model']}@{r['image_size']} test {r['test_accuracy_ci95'][0]:.4f}-{r['test_accuracy_ci95'][1]:.4f}"
                       + (f", external {r['external_accuracy_ci95'][0]:.4f}-{r['external_accuracy_ci95'][1]:.4f}"
