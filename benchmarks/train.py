@@ -311,15 +311,16 @@ def pool_runs(work_dirs: list[Path], tag: str | None = None) -> dict:
             agg["errors"] += len(wrong)
             agg["images"] |= scored
         rows.append(row)
+    accuracy = {part: 1 - agg["errors"] / agg["n"] for part, agg in pooled.items()}  # unrounded: the verdict's
     figures = {}
     for part, agg in pooled.items():
         low, high = accuracy_interval(agg["n"] - agg["errors"], agg["n"])
         figures[part] = {"n": agg["n"], "distinct_images": len(agg["images"]), "errors": agg["errors"],
-                         "accuracy": round(1 - agg["errors"] / agg["n"], 4), "accuracy_ci95": [round(low, 4), round(high, 4)],
+                         "accuracy": round(accuracy[part], 4), "accuracy_ci95": [round(low, 4), round(high, 4)],
                          "wrong_in_several_folders": sorted(k for k, v in wrong_in[part].items() if len(v) > 1)}
     meets = None
     if target:
-        meets = bool(all(1 - agg["errors"] / agg["n"] >= target[0] for agg in pooled.values())
+        meets = bool(all(acc >= target[0] for acc in accuracy.values())
                      and max(r["training_minutes"] for r in rows) <= target[1])
     return {"benchmark": "train_pool", "model": tag, "recipe_train": recipe.get("train"), "runs": rows,
             "pooled": figures, "target": list(target) if target else None, "meets_target": meets}
