@@ -23,7 +23,7 @@ def test_pbc64_example_is_the_set_flags_recipe(bench):
         return bench.train_config(base, spec, argparse.Namespace(minutes=minutes, epochs=epochs, set=list(sets)))
 
     flags = ["width=48", "depth=1", "stem_stride=2", "subclasses=file_prefix", "calibrate=temperature",
-             "patience=400", "optimizer=sgd", "learning_rate=0.1", "weight_decay=0.005"]
+             "patience=400"]
     assert train("pbc64.params.yaml", "") == train("pbc.params.yaml", "resnet_small@64", 58, 400, flags)
 
 
