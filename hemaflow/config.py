@@ -221,6 +221,9 @@ class TrainParams(_Frozen):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)        # decoupled weight decay (any optimizer; adamw's reason to exist)
     momentum: float = Field(0.9, ge=0, lt=1)       # sgd only (Nesterov)
+    # sharpness-aware minimisation (hemaflow/sharpness.py): each step uses the gradient at the
+    # worst point within this radius of the weights (0 = off; 0.05 as in the paper); 2x per step
+    sam_rho: float = Field(0.0, ge=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # cosine: decays to 0 at the last planned epoch; cosine_time: decays to 0 when max_minutes of
     # training time are spent (epochs is then an upper bound): the same recipe anneals fully on a

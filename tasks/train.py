@@ -678,6 +678,10 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
             model, warm = _initial_model(cfg, targets, seed, init_model, backbone_weights)
         finally:
             keras.config.set_dtype_policy(previous_policy)
+        if cfg.sam_rho:  # trains through the wrapper; the network itself is what is saved
+            from hemaflow.sharpness import SharpnessAware
+
+            model = SharpnessAware(model, cfg.sam_rho)
         model.compile(optimizer=build_optimizer(cfg, steps_per_epoch),
                       loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                       metrics=_metrics(merge))
@@ -736,6 +740,8 @@ def train_model(dataset_dir: Path, model_dir: Path, cfg: TrainParams, classes: t
     if progress and epochs_run < cfg.epochs:
         progress(epochs_run, epochs_run)  # stopped early (patience or time budget): training is complete
 
+    if cfg.sam_rho:
+        model = model.inner
     calibration = (calibrate_model(model, val_ds, [classes.index(c) for c in val_df["label"]], merge)
                    if cfg.calibrate == "temperature" and val_ds is not None else None)
     if merge is not None:  # subtype probabilities summed into params' classes
@@ -861,7 +867,7 @@ def _fine_tune(model, strategy, cfg: TrainParams, train_ds, val_ds, class_weight
     from hemaflow.backbones import unfreeze_base
 
     with strategy.scope():
-        unfreeze_base(model)
+        unfreeze_base(getattr(model, "inner", model))  # the network itself, also inside SharpnessAware
         optimizer = (keras.optimizers.AdamW(cfg.fine_tune_learning_rate, weight_decay=cfg.weight_decay)
                      if cfg.optimizer == "adamw" else keras.optimizers.Adam(cfg.fine_tune_learning_rate))
         model.compile(optimizer=optimizer,
