@@ -35,9 +35,10 @@ def test_pipeline_only_without_a_first_run_names_the_missing_file(bench, tmp_pat
     assert str(tmp_path / "empty" / "params.yaml") in err and "without --pipeline-only" in err
 
 
-def _bench_run(work, seed, test_wrong, ext_wrong, n=100, train=None, minutes=57.0):
+def _bench_run(work, seed, test_wrong, ext_wrong, n=100, train=None, minutes=57.0, right=()):
     """A finished benchmarks/train.py work dir as the run leaves it (files, not a trained model):
-    n test and n external predictions, the named file names called wrong."""
+    n test and n external predictions, the named file names called wrong (and those in right
+    called right, so that two runs can disagree on named images)."""
     import json
 
     import pandas as pd
@@ -52,7 +53,7 @@ def _bench_run(work, seed, test_wrong, ext_wrong, n=100, train=None, minutes=57.
     (work / f"params_{tag}.yaml").write_text(yaml.safe_dump(
         {"paths": {"raw_dir": str(work / "raw")}, "train": train or {"width": 48, "image_size": 64}}))
     for part, wrong in (("", test_wrong), ("external", ext_wrong)):
-        names = [f"{part or 'test'}_{i}.png" for i in range(n - len(wrong))] + list(wrong)
+        names = [f"{part or 'test'}_{i}.png" for i in range(n - len(wrong) - len(right))] + list(wrong) + list(right)
         pd.DataFrame({"path": [f"images/ig/{x}" for x in names], "label": "ig",
                       "predicted": ["ig" if x not in wrong else "neutrophil" for x in names]}
                      ).to_csv(work / "eval" / tag / part / "predictions.csv", index=False)
@@ -84,3 +85,24 @@ def test_pool_refuses_the_same_folder_twice_and_another_recipe(bench, tmp_path):
         bench.main(["--pool", str(a), str(other)])
     with pytest.raises(SystemExit, match="no holdout.json"):
         bench.main(["--pool", str(a), str(tmp_path)])
+
+
+def test_compare_pairs_two_recipes_on_one_folder_image_by_image(bench, tmp_path, capsys):
+    a = _bench_run(tmp_path / "a", 3, ["MMY_1.png", "BNE_2.png"], ["MY_3.png"], right=["SNE_4.png"])
+    b = _bench_run(tmp_path / "b", 3, ["SNE_4.png"], ["MY_3.png"], right=["MMY_1.png", "BNE_2.png"],
+                   train={"width": 48, "image_size": 64, "sam_rho": 0.05})
+    result = bench.main(["--compare", str(a), str(b)])
+    test, ext = result["parts"]["test"], result["parts"]["external"]
+    assert (test["n"], test["errors_a"], test["errors_b"]) == (100, 2, 1)
+    assert (test["right_only_a"], test["right_only_b"], test["p_value"]) == (1, 2, 1.0)
+    assert (ext["errors_a"], ext["errors_b"], ext["wrong_in_both"]) == (1, 1, ["images/ig/MY_3.png"])
+    assert result["recipe_differences"] == ["train.sam_rho: None vs 0.05"]
+    out = capsys.readouterr().out
+    assert "right only in A" in out and out.strip().splitlines()[-1].startswith('{"benchmark": "train_compare"')
+
+
+def test_compare_refuses_two_different_folders(bench, tmp_path):
+    a = _bench_run(tmp_path / "a", 1, [], [])
+    b = _bench_run(tmp_path / "b", 2, [], [])
+    with pytest.raises(SystemExit, match="not the same folder"):
+        bench.main(["--compare", str(a), str(b)])
