@@ -233,9 +233,15 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _scored(predictions: Path) -> tuple[set[str], set[str]]:
-    """The crops scored and those called wrong (paths relative to the crop folder, the same in
-    every work dir), from evaluate's predictions.csv."""
+PARTS = ("test", "external")  # evaluate's predictions.csv under eval/<tag>/ and eval/<tag>/external/
+
+
+def _scored(run: dict, part: str, flag: str) -> tuple[set[str], set[str]]:
+    """The crops a run scored in part and those it called wrong (paths relative to the crop
+    folder, the same in every work dir), from evaluate's predictions.csv."""
+    predictions = run["dir"] / "eval" / run["tag"] / ("external" if part == "external" else "") / "predictions.csv"
+    if not predictions.is_file():
+        raise SystemExit(f"{flag}: {predictions} is missing; the run did not score its {part} images")
     df = pd.read_csv(predictions)
     return set(df["path"]), set(df.loc[df["label"] != df["predicted"], "path"])
 
@@ -299,13 +305,10 @@ def pool_runs(work_dirs: list[Path], tag: str | None = None) -> dict:
     rows, pooled = [], {}
     wrong_in: dict[str, dict[str, list[int]]] = {"test": {}, "external": {}}
     for r in runs:
-        ev = r["dir"] / "eval" / tag
         summary = json.loads((r["dir"] / "models" / tag / "train_summary.json").read_text())
         row = {"dir": str(r["dir"]), "seed": r["seed"], "training_minutes": round(summary["seconds"] / 60, 2)}
-        for part, preds in (("test", ev / "predictions.csv"), ("external", ev / "external" / "predictions.csv")):
-            if not preds.is_file():
-                raise SystemExit(f"--pool: {preds} is missing; the run did not score its {part} images")
-            scored, wrong = _scored(preds)
+        for part in PARTS:
+            scored, wrong = _scored(r, part, "--pool")
             row[f"{part}_n"], row[f"{part}_errors"] = len(scored), len(wrong)
             row[f"{part}_accuracy"] = round(1 - len(wrong) / len(scored), 4)
             for name in wrong:
@@ -371,21 +374,16 @@ def compare_runs(work_a: Path, work_b: Path, tag: str | None = None) -> dict:
     recipe_a = _recipe(a["dir"] / f"params_{a['tag']}.yaml")
     recipe_b = _recipe(b["dir"] / f"params_{b['tag']}.yaml")
     parts = {}
-    for part, sub in (("test", ""), ("external", "external")):
-        frames = []
-        for r in (a, b):
-            preds = r["dir"] / "eval" / r["tag"] / sub / "predictions.csv"
-            if not preds.is_file():
-                raise SystemExit(f"--compare: {preds} is missing; the run did not score its {part} images")
-            df = pd.read_csv(preds)
-            frames.append(pd.Series((df["label"] == df["predicted"]).to_numpy(), index=df["path"]))
-        shared = frames[0].index.intersection(frames[1].index)
-        right_a, right_b = frames[0][shared].to_numpy(bool), frames[1][shared].to_numpy(bool)
+    for part in PARTS:
+        (scored_a, wrong_a), (scored_b, wrong_b) = _scored(a, part, "--compare"), _scored(b, part, "--compare")
+        shared = sorted(scored_a & scored_b)
+        right_a = np.array([name not in wrong_a for name in shared], bool)
+        right_b = np.array([name not in wrong_b for name in shared], bool)
         test = mcnemar(right_a, right_b)  # b: right only in A, c: right only in B
-        parts[part] = {"n": len(shared), "only_a": len(frames[0]) - len(shared), "only_b": len(frames[1]) - len(shared),
+        parts[part] = {"n": len(shared), "only_a": len(scored_a) - len(shared), "only_b": len(scored_b) - len(shared),
                        "errors_a": int((~right_a).sum()), "errors_b": int((~right_b).sum()),
                        "right_only_a": test["b"], "right_only_b": test["c"], "p_value": round(test["p_value"], 4),
-                       "wrong_in_both": sorted(shared[~right_a & ~right_b])}
+                       "wrong_in_both": sorted(wrong_a & wrong_b & set(shared))}
     return {"benchmark": "train_compare", "a": str(a["dir"]), "b": str(b["dir"]), "seed": a["seed"],
             "models": [a["tag"], b["tag"]], "recipe_differences": _differences(recipe_a, recipe_b), "parts": parts}
 
@@ -435,16 +433,15 @@ def main(argv: list[str] | None = None) -> dict:
                     help="no training: two recipes' runs on the same held-out folder (same --seed), image by "
                          "image, with the McNemar test")
     args = ap.parse_args(argv)
+    spec = (args.model or [None])[0]  # --pool / --compare: which evaluated model of the work dirs
+    picked = None if spec is None else "_".join(spec.split("@"))
     if args.compare:
-        spec = (args.model or [None])[0]
-        result = compare_runs(*args.compare, None if spec is None else "_".join(spec.split("@")))
+        result = compare_runs(*args.compare, picked)
         print_compare(result)
         print(json.dumps(result))
         return result
     if args.pool:
-        spec = (args.model or [None])[0]
-        tag = None if spec is None else "_".join(spec.split("@"))
-        result = pool_runs(args.pool, tag)
+        result = pool_runs(args.pool, picked)
         print_pool(result)
         print(json.dumps(result))
         return result
