@@ -21,6 +21,8 @@ What it does (everything under --work-dir, outside the repository; raw data is o
         [--model shallow_cnn@28 ...] [--minutes 20] [--epochs N] [--set key=value] [--test-data FOLDER]
     .venv/bin/python benchmarks/train.py --pool WORK_DIR WORK_DIR ...   (runs on several --seed, pooled)
     .venv/bin/python benchmarks/train.py --compare WORK_DIR_A WORK_DIR_B (two recipes, one --seed, paired)
+
+Every run measured so far, and what it taught: benchmarks/RESULTS.md (add yours there).
 """
 
 from __future__ import annotations
