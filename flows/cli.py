@@ -150,13 +150,19 @@ def _is_store_spec(value: str) -> bool:
 @click.option("--model-name", default=None)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default="reports/classify", show_default=True)
 @click.option("--overlays", is_flag=True, help="Also write overlays/<image>.png with every cell's box and label.")
+@click.option("--layout", type=click.Choice(["auto", "smear", "single-cell"]), default="auto", show_default=True,
+              help="smear: every white cell of each image; single-cell: the one centred cell of each image "
+                   "(PBC-style), cut as training cut it; auto: the layout the model was trained on.")
+@click.option("--tta/--no-tta", default=None,
+              help="Average the 8 flips/rotations of each cell. Default: as the model was evaluated "
+                   "(its params' evaluate.tta).")
 @params_option
 @_fail_cleanly
 @_store_errors_cleanly
 def classify(images: tuple[Path, ...], model: str, store_url: str | None, model_name: str | None, out_dir: Path,
-             overlays: bool, params_path: Path) -> None:
-    """Find and classify every white cell in smear images (files or folders): per cell top-3 classes,
-    per image and overall differential count (CSV + JSON), images/second."""
+             overlays: bool, layout: str, tta: bool | None, params_path: Path) -> None:
+    """Find and classify every white cell in smear or single-cell images (files or folders): per cell
+    top-3 classes, per image and overall differential count (CSV + JSON), images/second."""
     from hemaflow.progress import tqdm_progress
     from hemaflow.tasks.classify import classify_smears
 
@@ -169,7 +175,7 @@ def classify(images: tuple[Path, ...], model: str, store_url: str | None, model_
     else:
         model_dir = Path(model)
     result = classify_smears(model_dir, list(images), out_dir, fallback, progress=tqdm_progress("classify"),
-                             overlays=overlays)
+                             overlays=overlays, layout=layout.replace("-", "_"), tta=tta)
     for k, v in result.summary().items():
         click.echo(f"{k}: {v}")
 

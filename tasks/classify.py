@@ -1,9 +1,13 @@
-"""Classify new smears with a promoted model: find every white cell, label it, count.
+"""Classify new images with a promoted model: find every white cell, label it, count.
 
 This is what a lab does with the model it pulled from the store (`hemaflow pull`): the
 segmentation settings and input size the model was trained with travel in its card.json
 (the params of the run that promoted it), so a pulled model crops cells exactly as its
-training crops were cut. Outputs: one row per cell (box, top-3 classes with their
+training crops were cut. Two layouts, as in training: smear fields (every white cell found
+is a cell) and single-cell images such as PBC's (the one centred cell, cut by the segment
+stage's own single_cell_crop); by default the layout the model was trained on. A model trained
+on centred windows of single-cell images (single_cell_crop: centre) sees the same window
+around each cell of a smear. Outputs: one row per cell (box, top-3 classes with their
 probabilities, flags) in cells.csv, the differential count (counts and percentages per class)
 per image and over the whole input in differential.csv, everything in results.json,
 optional PNG overlays (boxes and labels), and the review list (unreadable files, fields
@@ -23,10 +27,12 @@ import pandas as pd
 
 from hemaflow.config import Params
 from hemaflow.errors import StageInputError
+from hemaflow.imageio import read_image
 from hemaflow.model_folder import open_model_folder
 from hemaflow.progress import Progress, track
 from hemaflow.review import ReviewItem, write_review
-from hemaflow.tasks.segment import crop_cell, find_white_cells
+from hemaflow.tta import predict_probs
+from hemaflow.tasks.segment import FIELD_SOURCES, cell_window, crop_cell, find_white_cells, single_cell_crop
 
 STAGE = "classify"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
@@ -34,6 +40,7 @@ TOP_K = 3
 CELL_COLUMNS = ("image", "cell", "x0", "y0", "x1", "y1", "label", "probability", "top2_label", "top2_probability",
                 "top3_label", "top3_probability", "flag")
 OVERALL = "ALL"
+LAYOUTS = ("auto", "smear", "single_cell")
 # classes without a nucleus: find_white_cells looks for stained nuclei, so it never finds them
 # (a BCCD wbc/rbc/platelet model, PBC's platelet class); class -> spellings, as params' synonyms
 NOT_DETECTED = {"rbc": ("red blood cell", "erythrocyte"), "platelet": ("thrombocyte", "plt")}
@@ -52,6 +59,9 @@ class ClassifyResult:
     n_unreadable: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    layout: str = "smear"
+    crop_rule: str = ""
+    tta: bool = False
 
     @property
     def images_per_s(self) -> float:
@@ -63,7 +73,8 @@ class ClassifyResult:
 
     def summary(self) -> dict:
         total = sum(self.counts.values()) or 1
-        out = {"images": self.n_images, "unreadable (skipped)": self.n_unreadable, "cells": self.n_cells,
+        out = {"images": self.n_images, "layout": f"{self.layout} ({self.crop_rule})" if self.crop_rule else self.layout,
+               "test-time augmentation": self.tta, "unreadable (skipped)": self.n_unreadable, "cells": self.n_cells,
                **{f"{k} %": round(100 * v / total, 1) for k, v in self.counts.items()},
                "images/s": round(self.images_per_s, 1), "cells/s": round(self.cells_per_s, 1),
                "cells table": str(self.cells_path), "differential": str(self.counts_path)}
@@ -83,10 +94,19 @@ def load_model_dir(model_dir: Path, fallback: Params, folder=None) -> tuple[obje
     folder = folder or open_model_folder(model_dir)
     params = fallback
     trained = (folder.card or {}).get("params") or {}
-    blocks = {k: trained[k] for k in ("base", "segment", "train") if k in trained}
+    blocks = {k: trained[k] for k in ("base", "ingest", "segment", "train", "evaluate") if k in trained}
     if blocks:
         params = Params.model_validate(blocks)
     return folder.load(), folder.classes, params
+
+
+def trained_layout(params: Params) -> str:
+    """The layout of the images a model was trained on: 'single_cell' or 'smear'
+    (segment.mode, else the reader as the segment stage decides; reader auto -> smear)."""
+    mode, reader = params.segment.mode, params.ingest.reader
+    if mode != "auto":
+        return "smear" if mode == "fields" else "single_cell"
+    return "smear" if reader == "auto" or reader in FIELD_SOURCES else "single_cell"
 
 
 def undetected_classes(classes: tuple[str, ...]) -> list[str]:
@@ -113,11 +133,13 @@ def list_images(inputs: list[Path]) -> list[Path]:
 
 
 def _to_model_input(crop_bgr: np.ndarray, image_size: int) -> np.ndarray:
-    """The training path's resize (tf.image.resize, antialias) on the RGB crop."""
+    """The training path's resize on the RGB crop (tasks/train.py load_image: tf.image.resize
+    with antialias, rounded to whole values), so the model gets the pixels evaluate gives it."""
     import tensorflow as tf
 
     rgb = cv2.cvtColor(crop_bgr, cv2.COLOR_BGR2RGB)
-    return tf.image.resize(rgb, (image_size, image_size), antialias=True).numpy()
+    img = tf.image.resize(rgb, (image_size, image_size), antialias=True)
+    return tf.round(tf.clip_by_value(img, 0.0, 255.0)).numpy()
 
 
 def differential(cells: pd.DataFrame, classes: tuple[str, ...], images: list[str]) -> pd.DataFrame:
@@ -150,13 +172,25 @@ def draw_overlay(image: np.ndarray, rows: list[dict], path: Path) -> None:
 
 
 def classify_smears(model_dir: Path, inputs: list[Path], out_dir: Path, params: Params,
-                    progress: Progress | None = None, batch_size: int = 64, overlays: bool = False) -> ClassifyResult:
+                    progress: Progress | None = None, batch_size: int = 64, overlays: bool = False,
+                    layout: str = "auto", tta: bool | None = None) -> ClassifyResult:
     """Segment every image, classify every cell found; write cells.csv, differential.csv,
-    results.json, review.csv (and overlays/*.png when asked)."""
+    results.json, review.csv (and overlays/*.png when asked). layout: smear, single_cell, or
+    auto (what the model was trained on, see trained_layout). tta: average the 8 flips and
+    rotations of each crop (None: as the model was evaluated, its params' evaluate.tta)."""
+    if layout not in LAYOUTS:
+        raise StageInputError(layout, f"unknown layout: choose one of {', '.join(LAYOUTS)}")
     started = time.perf_counter()
     folder = open_model_folder(Path(model_dir))
     model, classes, trained = load_model_dir(Path(model_dir), params, folder)
     seg, size = trained.segment, folder.image_size  # the input size the model itself declares
+    trained_on = trained_layout(trained)
+    tta = trained.evaluate.tta if tta is None else tta
+    layout = trained_on if layout == "auto" else layout
+    # a model of centred single-cell windows sees each smear cell through the same window
+    windowed = trained_on == "single_cell" and seg.single_cell_crop == "centre"
+    crop_rule = (f"single_cell_crop: {seg.single_cell_crop}" if layout == "single_cell" else
+                 f"a centred {seg.fallback_crop_px} px window per cell" if windowed else "each cell's box")
     images = list_images([Path(p) for p in inputs])
     rows: list[dict] = []
     crops: list[np.ndarray] = []
@@ -164,16 +198,27 @@ def classify_smears(model_dir: Path, inputs: list[Path], out_dir: Path, params: 
     unreadable: list[str] = []
     kept: dict[str, np.ndarray] = {}
     for path in track(images, len(images), progress, every=10):
-        try:
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        except cv2.error:
-            image = None
+        # decoded as training decoded its images (EXIF orientation ignored, 16-bit or grey to 8-bit BGR,
+        # the decoding guard); a file that cannot be read at all (SourceReadError) stops the run
+        real = path.resolve()  # a symlinked input (a DVC cache, a shared folder) is read where it lies
+        image = read_image(real.parent, real.name)
         if image is None:
             review.append(ReviewItem(STAGE, path.name, str(path), "unreadable_image", "OpenCV cannot decode it"))
             unreadable.append(str(path))
             continue
         if overlays:
             kept[str(path)] = image
+        if layout == "single_cell":  # one cell, cut as the segment stage cut the training images
+            cut = single_cell_crop(image, seg)
+            for k, det in cut.secondary.items():
+                review.append(ReviewItem(STAGE, f"{path.name}#s{k}", str(path), "secondary_cell",
+                                         f"another cell at box {det.box}, not the image's centred cell: not classified"))
+            if cut.fallback:
+                review.append(ReviewItem(STAGE, f"{path.name}#0", str(path), "centre_crop_fallback", cut.fallback))
+            x0, y0, x1, y1 = cut.det.box
+            rows.append({"image": str(path), "cell": 0, "x0": x0, "y0": y0, "x1": x1, "y1": y1, "flag": ""})
+            crops.append(_to_model_input(cut.crop, size))
+            continue
         dets = find_white_cells(image, seg)
         if not dets:
             review.append(ReviewItem(STAGE, path.name, str(path), "no_cell_found", "no white cell found"))
@@ -185,10 +230,10 @@ def classify_smears(model_dir: Path, inputs: list[Path], out_dir: Path, params: 
                 review.append(ReviewItem(STAGE, f"{path.name}#{k}", str(path), flag, f"box {det.box}"))
             x0, y0, x1, y1 = det.box
             rows.append({"image": str(path), "cell": k, "x0": x0, "y0": y0, "x1": x1, "y1": y1, "flag": flag})
-            crops.append(_to_model_input(crop_cell(image, det, seg), size))
+            crop = cell_window(image, det, seg) if windowed else crop_cell(image, det, seg)
+            crops.append(_to_model_input(crop, size))
     if crops:
-        probs = np.concatenate([np.asarray(model.predict_on_batch(np.stack(crops[i:i + batch_size])))
-                                for i in range(0, len(crops), batch_size)])
+        probs = predict_probs(model, np.stack(crops), tta=tta, batch_size=batch_size)
         for row, p in zip(rows, probs):
             order = np.argsort(-p)[:TOP_K]
             row["label"], row["probability"] = classes[int(order[0])], round(float(p[order[0]]), 4)
@@ -215,7 +260,7 @@ def classify_smears(model_dir: Path, inputs: list[Path], out_dir: Path, params: 
         return {"cells": int(r["cells"]), "counts": {c: int(r[c]) for c in classes},
                 "percent": {c: float(r[f"{c} %"]) for c in classes}}
 
-    missing = undetected_classes(classes)
+    missing = undetected_classes(classes) if layout == "smear" else []  # single-cell images need no nucleus
     warnings = [f"the model's classes {', '.join(missing)} have no nucleus: classify finds white (nucleated) "
                 f"cells only, so their counts are only cells mistaken for them, not a count of the smear's "
                 f"{', '.join(missing)}"] if missing else []
@@ -223,7 +268,8 @@ def classify_smears(model_dir: Path, inputs: list[Path], out_dir: Path, params: 
     json_path = out_dir / "results.json"
     json_path.write_text(json.dumps({
         "model": {"sha256": folder.sha256, "name": card.get("name"), "version": card.get("tag"),
-                  "classes": list(classes)},
+                  "classes": list(classes), "trained_on": trained_on},
+        "layout": layout, "crop": crop_rule, "tta": tta,
         "overall": block(OVERALL), "images": {img: block(img) for img in readable},
         "cells": json.loads(cells.to_json(orient="records")), "unreadable": unreadable, "warnings": warnings,
         "images_per_s": round(len(images) / seconds, 2) if seconds else None,
@@ -231,4 +277,4 @@ def classify_smears(model_dir: Path, inputs: list[Path], out_dir: Path, params: 
     return ClassifyResult(cells_path, counts_path, review_path, len(images), len(cells),
                           {c: int(diff.loc[OVERALL, c]) for c in classes}, json_path=json_path,
                           overlay_dir=overlay_dir, n_unreadable=len(unreadable), seconds=seconds,
-                          warnings=warnings)
+                          warnings=warnings, layout=layout, crop_rule=crop_rule, tta=tta)

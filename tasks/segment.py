@@ -449,36 +449,71 @@ def _crop_row(crop_id: str, row, rel: str, det: Detection) -> dict:
             "x0": x0, "y0": y0, "x1": x1, "y1": y1, "mask_area": det.mask_area}
 
 
-def _segment_single_cell(image: np.ndarray, row, rel: str, crops_dir: Path, cfg: SegmentParams,
-                         crop_rows: list[dict], review: list[ReviewItem]) -> None:
-    """One labelled cell per image: the detection nearest the centre (or a flagged centred crop)."""
-    image_id = str(row.image_id)
-    crop_id = f"{image_id}_c0"
+@dataclass
+class SingleCellCrop:
+    """The labelled cell of a single-cell image as training crops it (see single_cell_crop)."""
+
+    det: Detection
+    crop: np.ndarray
+    secondary: dict[int, Detection]  # the other cells found, by detection index: never given its label
+    fallback: str | None        # why the centred window stands in for a detection; None: it did not
+
+
+def single_cell_crop(image: np.ndarray, cfg: SegmentParams) -> SingleCellCrop:
+    """One labelled cell per image: the detection nearest the centre, or the centred
+    fallback_crop_px window (always, with single_cell_crop: centre). The segment stage and
+    `hemaflow classify` on single-cell images both cut through here, so a model sees at
+    classify time exactly the crops it was trained on."""
     dets = [] if cfg.single_cell_crop == "centre" else find_white_cells(image, cfg)
-    field_px = image.shape[0] * image.shape[1]
     main = nearest_centre(dets, image.shape[:2]) if dets else None
-    for k, det in enumerate(dets):
-        if k != main:
-            review.append(_review(f"{image_id}_s{k}", rel, "secondary_cell",
-                                  f"another cell at box {det.box}, not the image's centred cell: not labelled "
-                                  f"'{row.label}'"))
-    det = dets[main] if main is not None else None
+    secondary = {k: d for k, d in enumerate(dets) if k != main}
+    det, fallback = (dets[main] if main is not None else None), None
+    field_px = image.shape[0] * image.shape[1]
     if det is not None and det.mask_area / field_px > cfg.max_area_frac:
-        review.append(_review(crop_id, rel, "centre_crop_fallback",
-                              f"centred cell covers {det.mask_area / field_px:.3f} of the image (max_area_frac "
-                              f"{cfg.max_area_frac}): centred crop used instead"))
+        fallback = (f"centred cell covers {det.mask_area / field_px:.3f} of the image (max_area_frac "
+                    f"{cfg.max_area_frac}): centred crop used instead")
         det = None
     elif det is None and cfg.single_cell_crop == "detection":
-        review.append(_review(crop_id, rel, "centre_crop_fallback",
-                              f"no stained nucleus found: centred {min(cfg.fallback_crop_px, *image.shape[:2])} px "
-                              "crop used (kept, labelled)"))
+        fallback = (f"no stained nucleus found: centred {min(cfg.fallback_crop_px, *image.shape[:2])} px "
+                    "crop used (kept, labelled)")
     if det is None:
         det = centre_detection(image, cfg)
-        crop = crop_cell(image, det, cfg.model_copy(update={"margin": 0.0, "mask_background": False}))
-    else:
-        crop = crop_cell(image, det, cfg)
-    write_image(Path(crops_dir) / crop_file(crop_id), crop, "crop")
-    crop_rows.append(_crop_row(crop_id, row, rel, det))
+        return SingleCellCrop(det, window_crop(image, det, cfg), secondary, fallback)
+    return SingleCellCrop(det, crop_cell(image, det, cfg), secondary, fallback)
+
+
+def window_crop(image: np.ndarray, det: Detection, cfg: SegmentParams) -> np.ndarray:
+    """det's box as it is (no margin, no background masking), resized to cfg.crop_size."""
+    return crop_cell(image, det, cfg.model_copy(update={"margin": 0.0, "mask_background": False}))
+
+
+def cell_window(image: np.ndarray, det: Detection, cfg: SegmentParams) -> np.ndarray:
+    """A cell found in a smear, cut the way a model trained on centred single-cell crops
+    (single_cell_crop: centre, e.g. PBC) saw its cells: a fallback_crop_px square centred on
+    the cell, neighbours and background kept, parts beyond the field white. The cell's own
+    box with a margin and a masked background (crop_cell) would be another input than the
+    one such a model learnt: at that scale and on white it called most PBC cells ig."""
+    x0, y0, x1, y1 = det.box
+    side = cfg.fallback_crop_px
+    sx, sy = (x0 + x1 - side) // 2, (y0 + y1 - side) // 2
+    window = Detection((sx, sy, sx + side, sy + side), side * side, det.touches_border, np.ones((side, side), bool))
+    return window_crop(image, window, cfg)
+
+
+def _segment_single_cell(image: np.ndarray, row, rel: str, crops_dir: Path, cfg: SegmentParams,
+                         crop_rows: list[dict], review: list[ReviewItem]) -> None:
+    """One labelled cell per image (single_cell_crop); the other cells go to review."""
+    image_id = str(row.image_id)
+    crop_id = f"{image_id}_c0"
+    cut = single_cell_crop(image, cfg)
+    for k, det in cut.secondary.items():
+        review.append(_review(f"{image_id}_s{k}", rel, "secondary_cell",
+                              f"another cell at box {det.box}, not the image's centred cell: not labelled "
+                              f"'{row.label}'"))
+    if cut.fallback:
+        review.append(_review(crop_id, rel, "centre_crop_fallback", cut.fallback))
+    write_image(Path(crops_dir) / crop_file(crop_id), cut.crop, "crop")
+    crop_rows.append(_crop_row(crop_id, row, rel, cut.det))
 
 
 def _segment_field(image: np.ndarray, row, rel: str, crops_dir: Path, cfg: SegmentParams,

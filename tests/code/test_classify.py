@@ -108,6 +108,7 @@ def test_cli_classifies_with_the_production_model_from_the_store(smears, model_d
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert f"wbc v0001 (production)" in res.stdout and "images/s:" in res.stdout and "cells/s:" in res.stdout
+    assert "layout: smear (each cell's box)" in res.stdout and "test-time augmentation: False" in res.stdout
     assert (tmp_path / "models" / "pulled" / "wbc-production" / "card.json").is_file()
     assert (tmp_path / "out" / "results.json").is_file()
 
@@ -149,3 +150,100 @@ def test_white_cell_model_has_no_warning(smears, model_dir, tmp_path):
 
     res = classify_smears(model_dir, [smears / "fields" / "SmearField_00000.jpg"], tmp_path, Params())
     assert json.loads(res.json_path.read_text())["warnings"] == [] and "warning 1" not in res.summary()
+
+
+# --- single-cell images (PBC-style): classify cuts them as the segment stage cut the training crops ---
+
+def _single_cell_project(smears: Path, tmp_path: Path, crop: str) -> tuple[Path, Params, list[Path]]:
+    """Generated fields filed as class-folder images (one labelled, centred cell each), and
+    params of a model trained on them: segment mode single_cell, `crop` as single_cell_crop."""
+    import shutil
+
+    from hemaflow.schema import CLEAN_COLUMNS
+    from hemaflow.tasks.segment import segment_images
+
+    raw = tmp_path / "raw"
+    rows, images = [], []
+    for k, src in enumerate(sorted((smears / "fields").glob("SmearField_*.jpg"))[:6]):
+        cls = Params().base.classes[k % 3]
+        dest = raw / "images" / cls / src.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dest)
+        images.append(dest)
+        row = dict.fromkeys(CLEAN_COLUMNS)
+        row.update(image_id=f"{cls}/{src.stem}", path=f"images/{cls}/{src.name}", sha256="0" * 64,
+                   source="class_folders", boxes="[]", label=cls, label_raw=cls)
+        rows.append(row)
+    clean = tmp_path / "clean.parquet"
+    pd.DataFrame(rows, columns=list(CLEAN_COLUMNS)).to_parquet(clean)
+    params = Params()
+    params = params.model_copy(update={
+        "ingest": params.ingest.model_copy(update={"reader": "class_folders"}),
+        "segment": params.segment.model_copy(update={"mode": "auto", "single_cell_crop": crop,
+                                                     "fallback_crop_px": 160})})
+    segment_images(clean, raw, tmp_path / "crops", params.segment)
+    return tmp_path / "crops", params, images
+
+
+@pytest.mark.parametrize(("crop", "tta"), [("centre", True), ("detection", False)])
+def test_single_cell_images_get_the_answers_evaluate_gives(smears, model_dir, tmp_path, crop, tta):
+    """The same model on the same image: classify's top class and probability are evaluate's
+    on the stage's crop (same crop, same pixels, same test-time augmentation). Cutting a
+    PBC image's cell out of its background instead turned a 0.99 model into a 0.49 one."""
+    from hemaflow.model_folder import open_model_folder
+    from hemaflow.tasks.classify import classify_smears
+    from hemaflow.tasks.evaluate import predict_paths
+
+    crops_dir, params, images = _single_cell_project(smears, tmp_path, crop)
+    table = pd.read_parquet(crops_dir / "crops.parquet")
+    folder = open_model_folder(model_dir)
+    probs = predict_paths(folder, [str(crops_dir / p) for p in table["path"]], list(table["label"]), tta=tta)
+    expected = {str(tmp_path / "raw" / s): (folder.classes[int(p.argmax())], float(p.max()))
+                for s, p in zip(table["source_path"], probs)}
+
+    res = classify_smears(model_dir, [tmp_path / "raw" / "images"], tmp_path / "out", params, tta=tta)
+    cells = pd.read_csv(res.cells_path)
+    assert len(cells) == len(images) == len(expected), "one cell per single-cell image"
+    for row in cells.itertuples():
+        label, p = expected[row.image]
+        assert (row.label, row.probability) == (label, pytest.approx(p, abs=6e-5)), row.image
+    data = json.loads(res.json_path.read_text())
+    assert data["layout"] == "single_cell" and data["tta"] is tta and data["model"]["trained_on"] == "single_cell"
+    assert data["crop"] == f"single_cell_crop: {crop}" and res.summary()["layout"].startswith("single_cell")
+    if crop == "centre":  # the centred window, whatever the image holds
+        assert ((cells["x1"] - cells["x0"]) == 160).all() and pd.read_csv(res.review_path).empty
+    else:  # the other cells of a field are listed for review, never counted
+        review = pd.read_csv(res.review_path)
+        assert set(review["reason"]) <= {"secondary_cell", "centre_crop_fallback"} and len(review) > 0
+
+
+def test_smears_with_a_model_of_centred_windows_get_windows(smears, model_dir, tmp_path):
+    """A model trained on centred single-cell windows (PBC) sees each cell of a smear through
+    the same window, and the platelet warning does not apply to single-cell images."""
+    from hemaflow.tasks.classify import classify_smears
+
+    _, params, images = _single_cell_project(smears, tmp_path, "centre")
+    res = classify_smears(model_dir, [images[0]], tmp_path / "smear", params, layout="smear")
+    data = json.loads(res.json_path.read_text())
+    assert data["layout"] == "smear" and data["crop"] == "a centred 160 px window per cell"
+    assert res.n_cells >= 1 and data["model"]["trained_on"] == "single_cell"
+
+
+def test_layout_follows_what_the_model_was_trained_on():
+    from hemaflow.tasks.classify import trained_layout
+
+    def layout(mode: str, reader: str) -> str:
+        p = Params()
+        return trained_layout(p.model_copy(update={"segment": p.segment.model_copy(update={"mode": mode}),
+                                                   "ingest": p.ingest.model_copy(update={"reader": reader})}))
+
+    assert layout("auto", "class_folders") == "single_cell" and layout("auto", "medmnist") == "single_cell"
+    assert layout("auto", "voc_fields") == "smear" and layout("auto", "auto") == "smear"
+    assert layout("fields", "class_folders") == "smear" and layout("single_cell", "voc_fields") == "single_cell"
+
+
+def test_unknown_layout_is_refused(smears, model_dir, tmp_path):
+    from hemaflow.tasks.classify import classify_smears
+
+    with pytest.raises(StageInputError, match="unknown layout"):
+        classify_smears(model_dir, [smears / "fields"], tmp_path, Params(), layout="field")

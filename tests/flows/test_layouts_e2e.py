@@ -110,6 +110,27 @@ def _assert_promoted(params_path: Path) -> dict:
     return metrics
 
 
+def _assert_classify_agrees_with_evaluate(params_path: Path, cwd: Path) -> None:
+    """The promoted model, pulled by `hemaflow classify --model latest`, on the test split's
+    source images (PBC: one centred cell each) gives the class evaluate gave their crops:
+    classify cuts single-cell images as the segment stage did, with the same pixels and TTA."""
+    import pandas as pd
+
+    params = yaml.safe_load(params_path.read_text())
+    base = params_path.parent
+    preds = pd.read_csv(base / params["paths"]["eval_dir"] / "predictions.csv")
+    crops = pd.read_parquet(base / params["paths"]["crops_dir"] / "crops.parquet").set_index("path")
+    raw = Path(params["paths"]["raw_dir"])
+    sources = {str(raw / crops.loc[p, "source_path"]): label for p, label in zip(preds["path"], preds["predicted"])}
+    res = _run("classify", *sources, "--model", "latest", "--params", str(params_path), "--out", str(cwd / "cls"),
+               cwd=cwd)
+    assert "layout: single_cell (single_cell_crop: centre)" in res.stdout, res.stdout
+    cells = pd.read_csv(cwd / "cls" / "cells.csv")
+    assert len(cells) == len(sources), "one cell per single-cell image"
+    agree = sum(sources[row.image] == row.label for row in cells.itertuples())
+    assert agree >= len(cells) - 1, f"classify agrees with evaluate on {agree} of {len(cells)} test images"
+
+
 LAYOUT_NAMES = ("pbc", "bccd", "allidb", "medmnist", "labels_csv")
 
 
@@ -120,6 +141,8 @@ def test_flow_runs_every_stage_to_a_promoted_model(layout, tmp_path):
     res = _run("run", "--params", str(params_path), cwd=tmp_path)
     assert "promoted" in res.stdout
     _assert_promoted(params_path)
+    if layout == "pbc":
+        _assert_classify_agrees_with_evaluate(params_path, tmp_path)
 
 
 @pytest.mark.slow
