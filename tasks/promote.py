@@ -36,8 +36,11 @@ from hemaflow.store import (ModelStore, ModelVersion, StoreConflictError, StoreI
                             open_store)
 
 REQUIRED_METRICS = ("accuracy", "balanced_accuracy", "per_class")
-PREPROCESSING = ("white cells cropped by the segment params below (square crop, margin, background masked), "
-                 "decoded as RGB, resized to the input size with antialiasing, values 0-255 (the model rescales)")
+PREPROCESSING = ("cells cut by the segment params below: on single-cell images the centred cell "
+                 "(single_cell_crop: centre -> the centred fallback_crop_px window; detection -> the cell's "
+                 "square box plus margin), on smear fields every cell's square box plus margin, background "
+                 "masked white when mask_background; hemaflow classify cuts them the same way; decoded as RGB, "
+                 "resized to the input size with antialiasing, values 0-255 (the model rescales)")
 
 
 @dataclass(frozen=True)
