@@ -101,12 +101,17 @@ def load_model_dir(model_dir: Path, fallback: Params, folder=None) -> tuple[obje
 
 
 def trained_layout(params: Params) -> str:
-    """The layout of the images a model was trained on: 'single_cell' or 'smear'
-    (segment.mode, else the reader as the segment stage decides; reader auto -> smear)."""
+    """The layout of the images a model was trained on: 'single_cell' or 'smear'. Smear fields
+    (voc_fields) stay smears even when their annotated boxes were the items (BCCD's cell-type
+    model: segment.mode single_cell on box crops), since new images come as whole fields; else
+    segment.mode decides, and under mode auto the reader, as the segment stage does (reader
+    auto -> smear, the default synthetic fields)."""
     mode, reader = params.segment.mode, params.ingest.reader
+    if reader in FIELD_SOURCES:
+        return "smear"
     if mode != "auto":
         return "smear" if mode == "fields" else "single_cell"
-    return "smear" if reader == "auto" or reader in FIELD_SOURCES else "single_cell"
+    return "smear" if reader == "auto" else "single_cell"
 
 
 def undetected_classes(classes: tuple[str, ...]) -> list[str]:

@@ -239,7 +239,9 @@ def test_layout_follows_what_the_model_was_trained_on():
 
     assert layout("auto", "class_folders") == "single_cell" and layout("auto", "medmnist") == "single_cell"
     assert layout("auto", "voc_fields") == "smear" and layout("auto", "auto") == "smear"
-    assert layout("fields", "class_folders") == "smear" and layout("single_cell", "voc_fields") == "single_cell"
+    assert layout("fields", "class_folders") == "smear" and layout("single_cell", "auto") == "single_cell"
+    # BCCD's cell-type model: trained on annotated boxes as single-cell items, used on whole smears
+    assert layout("single_cell", "voc_fields") == "smear"
 
 
 def test_unknown_layout_is_refused(smears, model_dir, tmp_path):

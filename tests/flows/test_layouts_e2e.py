@@ -131,6 +131,21 @@ def _assert_classify_agrees_with_evaluate(params_path: Path, cwd: Path) -> None:
     assert agree >= len(cells) - 1, f"classify agrees with evaluate on {agree} of {len(cells)} test images"
 
 
+def _assert_classify_finds_the_cells_of_smears(params_path: Path, cwd: Path) -> None:
+    """BCCD's cell-type model was trained on annotated boxes as single-cell items, but new images
+    are whole smear fields: classify finds each field's white cells (BCCD: mostly one a field)."""
+    import pandas as pd
+
+    raw = Path(yaml.safe_load(params_path.read_text())["paths"]["raw_dir"])
+    fields = sorted((raw / "JPEGImages").glob("*.jpg"))[:4]
+    res = _run("classify", *map(str, fields), "--model", "latest", "--params", str(params_path),
+               "--out", str(cwd / "cls"), cwd=cwd)
+    assert "layout: smear (each cell's box)" in res.stdout, res.stdout
+    cells = pd.read_csv(cwd / "cls" / "cells.csv")
+    assert cells["image"].nunique() == len(fields) and (cells.groupby("image").size() <= 3).all()
+    assert ((cells["x1"] - cells["x0"]) < 400).all(), "cells, not whole fields"
+
+
 LAYOUT_NAMES = ("pbc", "bccd", "allidb", "medmnist", "labels_csv")
 
 
@@ -143,6 +158,8 @@ def test_flow_runs_every_stage_to_a_promoted_model(layout, tmp_path):
     _assert_promoted(params_path)
     if layout == "pbc":
         _assert_classify_agrees_with_evaluate(params_path, tmp_path)
+    if layout == "bccd":
+        _assert_classify_finds_the_cells_of_smears(params_path, tmp_path)
 
 
 @pytest.mark.slow
