@@ -138,14 +138,12 @@ def list_images(inputs: list[Path]) -> list[Path]:
 
 
 def _to_model_input(crop_bgr: np.ndarray, image_size: int) -> np.ndarray:
-    """The training path's resize on the RGB crop (tasks/train.py load_image: tf.image.resize
-    with antialias, rounded to whole values), so the model gets the pixels evaluate gives it;
-    uint8, a quarter of the memory of float32 for a folder of crops held until the batched predict."""
-    import tensorflow as tf
+    """The RGB crop through training's own resize (tasks/train.py model_pixels), so the model gets
+    the pixels evaluate gives it; uint8, a quarter of the memory of float32 for a folder of crops
+    held until the batched predict."""
+    from hemaflow.tasks.train import model_pixels
 
-    rgb = cv2.cvtColor(crop_bgr, cv2.COLOR_BGR2RGB)
-    img = tf.image.resize(rgb, (image_size, image_size), antialias=True)
-    return tf.round(tf.clip_by_value(img, 0.0, 255.0)).numpy().astype(np.uint8)
+    return model_pixels(cv2.cvtColor(crop_bgr, cv2.COLOR_BGR2RGB), image_size).numpy().astype(np.uint8)
 
 
 def differential(cells: pd.DataFrame, classes: tuple[str, ...], images: list[str]) -> pd.DataFrame:

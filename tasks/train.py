@@ -82,11 +82,18 @@ def load_image(path, image_size: int):
     Rounded to whole values: exactly the pixels of the uint8 training cache."""
     import tensorflow as tf
 
-    img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    img = tf.image.resize(img, (image_size, image_size), antialias=True)
-    img = tf.round(tf.clip_by_value(img, 0.0, 255.0))
+    img = model_pixels(tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False), image_size)
     img.set_shape((image_size, image_size, 3))
     return img
+
+
+def model_pixels(rgb, image_size: int):
+    """An RGB image (H, W, 3, 0-255) as the model gets it: tf.image.resize with antialias,
+    rounded to whole values (float32). load_image and `hemaflow classify` both go through here."""
+    import tensorflow as tf
+
+    img = tf.image.resize(rgb, (image_size, image_size), antialias=True)
+    return tf.round(tf.clip_by_value(img, 0.0, 255.0))
 
 
 def augment_image(image, seed, shift_frac: float = 0.1, colour_jitter: float = 0.1):
